@@ -50,7 +50,8 @@ class Bounds(_Strict):
     def grid(self) -> list[float]:
         """The grid min, min+step, ..., max (rounded to kill float noise)."""
         n = int(round((self.max - self.min) / self.step))
-        return [round(self.min + i * self.step, 10) for i in range(n + 1) if self.min + i * self.step <= self.max + 1e-9]
+        vals = (round(self.min + i * self.step, 10) for i in range(n + 1))
+        return [v for v in vals if v <= self.max + 1e-9]
 
     def contains(self, value: float) -> bool:
         return self.min - 1e-9 <= value <= self.max + 1e-9
