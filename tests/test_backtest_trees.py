@@ -1,0 +1,66 @@
+"""Compiled LightGBM trees equal ``booster.predict`` on real features, NaN inputs included."""
+
+from __future__ import annotations
+
+import lightgbm as lgb
+import numpy as np
+import pytest
+from _candles import real_btc
+
+from backtest.trees import OBJ_IDENTITY, OBJ_SIGMOID, compile_booster, empty_trees, predict_batch, predict_raw_batch
+from ml.features import build_features
+
+
+@pytest.fixture(scope="module")
+def feats() -> np.ndarray:
+    f = build_features(real_btc(6000))
+    return f.to_numpy()  # float32, NaN in the warm-up rows
+
+
+def _train(X: np.ndarray, y: np.ndarray, objective: str, **extra: object) -> lgb.Booster:
+    params = {"objective": objective, "num_leaves": 15, "learning_rate": 0.1, "min_data_in_leaf": 20, "verbose": -1,
+              "seed": 3, "num_threads": 1, "deterministic": True, **extra}
+    return lgb.train(params, lgb.Dataset(X, y), num_boost_round=40)
+
+
+def test_binary_raw_and_proba_match_booster_including_nan(feats: np.ndarray) -> None:
+    rng = np.random.default_rng(1)
+    X = feats.copy()
+    X[rng.random(X.shape) < 0.05] = np.nan  # NaN everywhere, not only in the warm-up
+    y = ((np.nan_to_num(X[:, 0]) + rng.normal(0, 0.002, len(X))) > 0).astype(float)
+    booster = _train(X, y, "binary")
+    ct = compile_booster(booster)
+    assert ct.objective == OBJ_SIGMOID and ct.n_trees == 40
+    raw = predict_raw_batch(ct, X.astype(np.float64))
+    np.testing.assert_allclose(raw, booster.predict(X, raw_score=True), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(predict_batch(ct, X), booster.predict(X), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("extra", [{}, {"zero_as_missing": True}, {"use_missing": False}])
+def test_regression_matches_booster_for_each_missing_mode(feats: np.ndarray, extra: dict[str, object]) -> None:
+    rng = np.random.default_rng(2)
+    X = feats.copy()
+    X[rng.random(X.shape) < 0.05] = np.nan
+    X[rng.random(X.shape) < 0.05] = 0.0  # exact zeros exercise missing_type "Zero"
+    y = np.nan_to_num(X[:, 4]) * 0.01 + rng.normal(0, 1, len(X))
+    booster = _train(X, y, "regression", **extra)
+    ct = compile_booster(booster)
+    assert ct.objective == OBJ_IDENTITY
+    np.testing.assert_allclose(predict_raw_batch(ct, X.astype(np.float64)), booster.predict(X, raw_score=True),
+                               rtol=0, atol=1e-9)
+
+
+def test_random_forest_mode_and_sklearn_wrapper(feats: np.ndarray) -> None:
+    rng = np.random.default_rng(3)
+    X = feats[1000:]
+    y = rng.normal(0, 1, len(X)) + np.nan_to_num(X[:, 1]) * 50
+    model = lgb.LGBMRegressor(boosting_type="rf", n_estimators=20, subsample=0.7, subsample_freq=1, num_leaves=8,
+                              verbose=-1, random_state=4, n_jobs=1)
+    model.fit(X, y)
+    ct = compile_booster(model)
+    np.testing.assert_allclose(predict_batch(ct, X), model.predict(X), rtol=0, atol=1e-9)
+
+
+def test_empty_trees_predict_zero() -> None:
+    ct = empty_trees(3)
+    assert predict_raw_batch(ct, np.ones((4, 3))).tolist() == [0.0] * 4
