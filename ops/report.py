@@ -1,0 +1,194 @@
+"""The run report: one JSON for machines, one Markdown page for people, built from the same dict.
+
+Why one dict: the Telegram message, report.md and report.json must never disagree about what was decided. Phases
+add their summaries to :class:`RunReport`; :func:`render_markdown` and :func:`telegram_text` only format it.
+Secrets never reach a report: every string goes through :func:`ml.config.redact` on save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ml.config import redact
+
+log = logging.getLogger("weekly")
+
+
+def _fmt(v: Any, nd: int = 4) -> str:
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+class RunReport:
+    """Accumulates everything a run did; saved after every phase so a killed run still leaves its report."""
+
+    def __init__(self, run_dir: Path, run_id: str, demo: bool) -> None:
+        self.run_dir = run_dir
+        self.data: dict[str, Any] = {"run_id": run_id, "demo": demo, "phases": [], "decision": None}
+        path = run_dir / "report.json"
+        if path.exists():  # --resume continues the same report
+            self.data = json.loads(path.read_text())
+
+    def set(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        self.save()
+
+    @contextmanager
+    def phase(self, number: int, name: str) -> Iterator[dict[str, Any]]:
+        """Log start/end/duration of one phase and record its outcome (the yielded dict is its summary)."""
+        summary: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        log.info("phase %2d %-22s start", number, name)
+        entry = {"number": number, "name": name, "status": "running", "seconds": None, "summary": summary}
+        self.data["phases"] = [p for p in self.data["phases"] if p["number"] != number] + [entry]
+        try:
+            yield summary
+        except BaseException as exc:
+            entry["status"] = "failed"
+            entry["error"] = redact(str(exc))[:500]
+            entry["seconds"] = round(time.perf_counter() - t0, 2)
+            log.error("phase %2d %-22s FAILED after %.1fs: %s", number, name, entry["seconds"], entry["error"])
+            self.save()
+            raise
+        entry["status"] = "ok"
+        entry["seconds"] = round(time.perf_counter() - t0, 2)
+        log.info("phase %2d %-22s done in %.1fs", number, name, entry["seconds"])
+        self.save()
+
+    def phase_table(self) -> list[tuple[int, str, str, float | None]]:
+        return [(p["number"], p["name"], p["status"], p["seconds"]) for p in sorted(self.data["phases"],
+                                                                                    key=lambda p: p["number"])]
+
+    def save(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        text = redact(json.dumps(self.data, indent=2, default=str))
+        tmp = self.run_dir / "report.json.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, self.run_dir / "report.json")
+        (self.run_dir / "report.md").write_text(redact(render_markdown(self.data)))
+
+
+def _metrics_rows(label: str, m: dict[str, Any] | None) -> str:
+    if not m:
+        return f"| {label} | - | - | - | - | - | - |\n"
+    return (f"| {label} | {_fmt(m.get('score'))} | {_fmt(m.get('return_pct'), 2)} | "
+            f"{_fmt(m.get('max_drawdown_pct'), 2)} | {m.get('n_trades', m.get('trades', '-'))} | "
+            f"{_fmt(m.get('sharpe'), 2)} | {_fmt(m.get('profit_factor'), 2)} |\n")
+
+
+def render_markdown(d: dict[str, Any]) -> str:
+    """The human report."""
+    demo = " (DEMO DATA: synthetic candles, not a market)" if d.get("demo") else ""
+    lines = [f"# Weekly optimizer run {d.get('run_id')}{demo}\n"]
+    dec = d.get("decision") or {}
+    if dec:
+        lines.append(f"**Decision: {dec.get('action', '?').upper()}** — {dec.get('reason', '')}\n")
+    data = d.get("data")
+    if data:
+        lines.append(f"Data: {data.get('source')} — {data.get('rows')} bars, {data.get('start')} → {data.get('end')}; "
+                     f"gaps: {len(data.get('gaps', []))}, spikes flagged: {data.get('spikes', 0)}\n")
+    lines.append("## Phases\n\n| # | phase | status | seconds |\n|---|---|---|---|")
+    for p in sorted(d.get("phases", []), key=lambda p: p["number"]):
+        lines.append(f"| {p['number']} | {p['name']} | {p['status']} | {_fmt(p.get('seconds'), 1)} |")
+    total = sum(p.get("seconds") or 0 for p in d.get("phases", []))
+    lines.append(f"| | **total** | | {total:.1f} |\n")
+    ev = d.get("evaluation") or {}
+    if ev:
+        lines.append("## Baseline vs new (same OOS window)\n")
+        lines.append("| run | score | return % | max DD % | trades | Sharpe | PF |\n|---|---|---|---|---|---|---|")
+        lines.append(_metrics_rows("baseline, full OOS", ev.get("baseline_full")).rstrip())
+        lines.append(_metrics_rows("new, full OOS", ev.get("new_full")).rstrip())
+        lines.append(_metrics_rows("baseline, holdout 30%", ev.get("baseline_holdout")).rstrip())
+        lines.append(_metrics_rows("new, holdout 30% (never seen by the sweep)", ev.get("new_holdout")).rstrip())
+        lines.append("")
+        for img in ("equity_baseline_vs_new.png",):
+            lines.append(f"![equity]({img})\n")
+    gate = d.get("gate")
+    if gate:
+        lines.append("## Gate\n")
+        lines.append(f"`{gate.get('arithmetic', '')}` → **{'PASS' if gate.get('passed') else 'FAIL'}**: "
+                     f"{gate.get('reason', '')}\n")
+    cfgd = d.get("config_change")
+    if cfgd:
+        lines.append("## Config: old → chosen\n\n| parameter | old | chosen |\n|---|---|---|")
+        for k, (old, new) in cfgd.items():
+            lines.append(f"| {k} | {old} | {new} |")
+        lines.append("")
+    sw = d.get("sweep")
+    if sw:
+        lines.append(f"## Sweep (first {sw.get('fraction', 0.7):.0%} of OOS only)\n")
+        lines.append(f"{sw.get('n_combos')} combinations, {sw.get('n_eligible')} with at least "
+                     f"{sw.get('min_trades')} trades. Top rows:\n")
+        rows = sw.get("top", [])
+        if rows:
+            keys = list(rows[0].keys())
+            lines.append("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+            for r in rows:
+                lines.append("| " + " | ".join(_fmt(r[k], 3) for k in keys) + " |")
+        lines.append("\n![sweep](sweep_heatmap.png)\n")
+    for key, title in (("optuna_signal", "Optuna: signal ensemble"), ("optuna_position", "Optuna: position model")):
+        o = d.get(key)
+        if o:
+            lines.append(f"## {title}\n\n{o.get('n_trials')} trials ({o.get('n_pruned', 0)} pruned), best value "
+                         f"{_fmt(o.get('best_value'))}, best params `{json.dumps(o.get('best_params'))}`\n")
+    shp = d.get("shap")
+    if shp:
+        lines.append("## SHAP (report only: nothing is dropped automatically)\n")
+        for f in shp.get("flags", []):
+            lines.append(f"- {f}")
+        lines.append("\n![shap](shap/shap_importance.png)\n")
+    models = d.get("models")
+    if models:
+        lines.append("## Models\n\n| file | sha256 |\n|---|---|")
+        for k, v in models.items():
+            lines.append(f"| {k} | `{str(v)[:16]}` |")
+        lines.append("")
+    if d.get("notes"):
+        lines.append("## Notes\n")
+        lines.extend(f"- {n}" for n in d["notes"])
+    return "\n".join(lines) + "\n"
+
+
+def telegram_text(d: dict[str, Any]) -> str:
+    """A compact plain-text summary for Telegram (the notifier escapes it for the parse mode)."""
+    dec = d.get("decision") or {}
+    ev = d.get("evaluation") or {}
+    gate = d.get("gate") or {}
+    head = "DEMO " if d.get("demo") else ""
+    out = [f"{head}Weekly optimizer {d.get('run_id')}: {dec.get('action', '?').upper()}",
+           dec.get("reason", "")]
+    if gate:
+        out.append(f"Gate: {gate.get('arithmetic', '')}")
+
+    def m(label: str, key: str) -> None:
+        x = ev.get(key)
+        if x:
+            out.append(f"{label}: score {_fmt(x.get('score'), 3)}, return {_fmt(x.get('return_pct'), 2)}%, "
+                       f"maxDD {_fmt(x.get('max_drawdown_pct'), 2)}%, trades {x.get('n_trades')}")
+
+    m("Baseline", "baseline_full")
+    m("New", "new_full")
+    m("New holdout", "new_holdout")
+    for k, (old, new) in (d.get("config_change") or {}).items():
+        if old != new:
+            out.append(f"{k}: {old} -> {new}")
+    flags = (d.get("shap") or {}).get("flags", [])
+    if flags:
+        out.append(f"SHAP flags: {len(flags)} (" + "; ".join(flags[:3]) + ")")
+    data = d.get("data") or {}
+    if data.get("gaps"):
+        out.append(f"Data gaps: {len(data['gaps'])}")
+    times = ", ".join(f"{p['number']}:{_fmt(p.get('seconds'), 0)}s" for p in sorted(d.get("phases", []),
+                                                                                   key=lambda p: p["number"]))
+    out.append(f"Phases: {times}")
+    if d.get("model_hash"):
+        out.append(f"Models: {str(d['model_hash'])[:16]}")
+    return "\n".join(x for x in out if x)
