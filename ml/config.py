@@ -122,6 +122,9 @@ class DataCfg(_Strict):
     history_days: Annotated[int, Field(ge=30, le=3650)] = 1095
     max_gap_minutes: Annotated[int, Field(ge=15)] = 120
     market_closures: Literal["none", "weekends"] = "none"
+    # With market_closures="weekends" (FX/CFD hours): a weekday closure (holiday, broker outage) up to this long is
+    # reported and kept, and a weekend closure may run this much past three days (e.g. New Year on a Monday).
+    max_closure_gap_minutes: Annotated[int, Field(ge=15, le=10_080)] = 1440
     server_timezone: str = "Europe/Athens"  # EET/EEST: the usual MT5 server clock (UTC+2 / UTC+3 with EU DST)
     spike_sigma: PosFloat = 12.0
     demo_seed: int = 7

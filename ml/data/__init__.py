@@ -1,0 +1,132 @@
+"""Candles: the one interface every phase uses to get validated M15 bars (see docs/CONTRACTS.md, "Candles").
+
+``load_candles`` answers "give me the bars" (from a file, the demo, or the store - refreshing it once when there is
+none); ``refresh`` answers "bring the store up to date" (from a file, MT5 incrementally, or the demo) and is what
+``scripts/refresh_data.py`` runs. Both validate before anything is returned or written, and both keep only the most
+recent ``data.history_days``.
+
+Which source, when no ``data_path`` is given and ``demo`` is False (``data.source`` in config.json):
+``"mt5"`` -> MetaTrader 5; ``"file"`` -> ``data.file`` (relative to the root); ``"demo"`` -> the demo generator;
+``"auto"`` -> MT5 when MT5_LOGIN is set, else ``data.file`` when set, else the demo (and ``load_candles`` prefers an
+existing real store over the demo, so ``refresh_data.py --data FILE`` followed by any script uses that file's bars).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ml.config import Config, secrets
+from ml.data import store
+from ml.data.demo import demo_candles
+from ml.data.sources import COLUMNS, read_file
+from ml.data.validate import Gap, Report, trim_history, validate
+from ml.errors import UserError
+from ml.paths import Paths
+
+__all__ = ["COLUMNS", "Gap", "RefreshResult", "Report", "load_candles", "refresh", "resolve_source"]
+
+log = logging.getLogger("ml.data")
+
+
+@dataclass
+class RefreshResult:
+    """What a refresh produced: the validated frame (as stored), its report, and where it came from / went."""
+
+    frame: pd.DataFrame
+    report: Report
+    is_demo: bool
+    source: str
+    stored: Path | None = None
+    new_bars: int = 0  # bars the store did not have before this refresh
+    symbol_info: dict[str, Any] | None = None  # the broker's spec (MT5 only)
+    warnings: list[str] = field(default_factory=list)
+
+
+def resolve_source(cfg: Config) -> str:
+    """``"mt5"``, ``"file"`` or ``"demo"``: where a refresh without ``data_path`` reads from."""
+    src = cfg.data.source
+    if src == "mt5" or (src == "auto" and "MT5_LOGIN" in secrets()):
+        return "mt5"
+    if src == "file" or (src == "auto" and cfg.data.file):
+        if not cfg.data.file:
+            raise UserError("config.json: data.file: must be set when data.source is 'file'")
+        return "file"
+    return "demo"
+
+
+def _config_file(cfg: Config, paths: Paths) -> Path:
+    p = Path(cfg.data.file or "")
+    return p if p.is_absolute() else paths.root / p
+
+
+def _checked(frame: pd.DataFrame, cfg: Config, name: str) -> tuple[pd.DataFrame, Report]:
+    clean, report = validate(frame, cfg, name)
+    return trim_history(clean, report, cfg)
+
+
+def refresh(cfg: Config, paths: Paths, data_path: str | Path | None = None, demo: bool = False) -> RefreshResult:
+    """Read the source, validate, keep ``history_days``, then write the store atomically (only if all passed).
+
+    ``data_path`` (a candle file) replaces the store's content; MT5 fetches from the last stored bar and merges;
+    the demo goes to its own ``_DEMO`` store so it never overwrites real history.
+    """
+    kind = "file" if data_path is not None else "demo" if demo else resolve_source(cfg)
+    if kind == "demo":
+        frame, report = _checked(demo_candles(cfg), cfg, "demo")
+        target = store.store_path(paths, cfg, demo=True)
+        old = store.read_store(target) if target.exists() else None
+        new_bars = len(frame) if old is None else int((~frame.index.isin(old.index)).sum())
+        store.write_store(target, frame, cfg.symbol)
+        return RefreshResult(frame, report, True, frame.attrs["source"], target, new_bars)
+
+    target = store.store_path(paths, cfg)
+    if kind == "file":
+        path = Path(data_path) if data_path is not None else _config_file(cfg, paths)
+        frame, report = _checked(read_file(path, cfg), cfg, str(path))
+        old = store.read_store(target)
+        new_bars = len(frame) if old is None else int((~frame.index.isin(old.index)).sum())
+        store.write_store(target, frame, cfg.symbol)
+        return RefreshResult(frame, report, False, frame.attrs["source"], target, new_bars, warnings=report.warnings)
+
+    from ml.data import mt5  # only here: the bridge client is not needed for files and the demo
+
+    old = store.read_store(target)
+    if old is not None and not str(old.attrs.get("source", "")).startswith(f"mt5 {cfg.symbol} "):
+        log.warning("store %s holds %s: replacing it with MT5 history", target, old.attrs.get("source"))
+        old = None
+    if old is not None and len(old):
+        validate(old, cfg, str(target))  # a damaged store must not be extended
+    since = old.index[-1] if old is not None and len(old) else None
+    fetched = mt5.fetch(cfg, since=since)
+    merged = store.merge(old, fetched.frame)
+    frame, report = _checked(merged, cfg, fetched.frame.attrs["source"])
+    new_bars = len(fetched.frame) if old is None else int((~fetched.frame.index.isin(old.index)).sum())
+    warnings = report.warnings + fetched.warnings
+    if new_bars or old is None or len(frame) != len(old):
+        store.write_store(target, frame, cfg.symbol)
+    return RefreshResult(
+        frame, report, False, frame.attrs["source"], target, new_bars, fetched.symbol_info, warnings=warnings
+    )
+
+
+def load_candles(cfg: Config, paths: Paths, data_path: str | Path | None = None, demo: bool = False) -> pd.DataFrame:
+    """The validated standard frame (most recent ``history_days``): ``data_path`` or the demo when given (nothing is
+    written), else the store, refreshed from the configured source first when there is no store yet."""
+    if data_path is not None:
+        path = Path(data_path)
+        return _checked(read_file(path, cfg), cfg, str(path))[0]
+    if demo:
+        return _checked(demo_candles(cfg), cfg, "demo")[0]
+    kind = resolve_source(cfg)
+    real = store.store_path(paths, cfg)
+    use_real = kind != "demo" or (cfg.data.source == "auto" and real.exists())
+    target = real if use_real else store.store_path(paths, cfg, demo=True)
+    stored = store.read_store(target)
+    if stored is None:
+        return refresh(cfg, paths, demo=not use_real).frame
+    return _checked(stored, cfg, str(target))[0]

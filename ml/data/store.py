@@ -1,0 +1,116 @@
+"""The candle store: one Parquet file per symbol and timeframe under ``data/``, written atomically.
+
+Why atomic (temp file in the same folder + fsync + ``os.replace`` + fsync of the folder): a crash, a full disk or a
+kill in the middle of a write must leave either the old file or the new one, never half of each; the weekly job and
+the live bot may read the store at any moment. Why a separate ``_DEMO`` file: the demo generator must never overwrite
+real broker history (an MT5 terminal only serves "Max bars in chart" of it, so a lost store may not come back).
+
+The Parquet schema metadata keeps where the bars came from (``ml.source``) and whether they are synthetic
+(``ml.demo``), so a frame read back carries the same ``attrs`` it was written with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ml.config import Config
+from ml.data.sources import COLUMNS
+from ml.errors import UserError
+from ml.paths import Paths
+
+_META_SOURCE = b"ml.source"
+_META_DEMO = b"ml.demo"
+_META_SYMBOL = b"ml.symbol"
+
+
+def store_path(paths: Paths, cfg: Config, demo: bool = False) -> Path:
+    """``data/<SYMBOL>_<TF>.parquet`` (``..._DEMO.parquet`` for the demo series)."""
+    symbol = re.sub(r"[^A-Za-z0-9._-]", "_", cfg.symbol)
+    return paths.data / f"{symbol}_{cfg.timeframe}{'_DEMO' if demo else ''}.parquet"
+
+
+def read_store(path: Path) -> pd.DataFrame | None:
+    """The stored frame (unvalidated) with attrs source/demo, or None when there is no store yet."""
+    if not path.exists():
+        return None
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise UserError(
+            f"{path}: the candle store is unreadable ({exc}); delete it and run scripts/refresh_data.py"
+        ) from None
+    meta = table.schema.metadata or {}
+    frame = table.to_pandas()
+    if not isinstance(frame.index, pd.DatetimeIndex) or any(c not in frame.columns for c in COLUMNS):
+        raise UserError(
+            f"{path}: not a candle store written by this project (columns {list(frame.columns)}); "
+            "delete it and run scripts/refresh_data.py"
+        )
+    index = frame.index.tz_convert("UTC") if frame.index.tz is not None else frame.index.tz_localize("UTC")
+    out = pd.DataFrame(
+        {c: frame[c].to_numpy(dtype="float64") for c in COLUMNS},
+        index=pd.DatetimeIndex(index.as_unit("ns"), name="time"),
+    )
+    out.attrs["source"] = meta.get(_META_SOURCE, b"store").decode()
+    out.attrs["demo"] = meta.get(_META_DEMO, b"0") == b"1"
+    out.attrs["line_base"] = None
+    return out
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX only: Windows cannot open a folder for fsync)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_store(path: Path, frame: pd.DataFrame, symbol: str = "") -> None:
+    """Write ``frame`` (validated standard frame) to ``path`` atomically; the old file stays until the rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(frame[list(COLUMNS)], preserve_index=True)
+    meta = dict(table.schema.metadata or {})
+    meta[_META_SOURCE] = str(frame.attrs.get("source", "")).encode()
+    meta[_META_DEMO] = b"1" if frame.attrs.get("demo") else b"0"
+    meta[_META_SYMBOL] = symbol.encode()
+    table = table.replace_schema_metadata(meta)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            pq.write_table(table, fh, compression="zstd")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def merge(old: pd.DataFrame | None, new: pd.DataFrame) -> pd.DataFrame:
+    """Stored bars + newly fetched bars, sorted; where both have a bar the new one wins (a re-fetch corrects)."""
+    if old is None or len(old) == 0:
+        out = new.copy()
+    elif len(new) == 0:
+        out = old.copy()
+    else:
+        both = pd.concat([old[list(COLUMNS)], new[list(COLUMNS)]])
+        keep = ~both.index.duplicated(keep="last")
+        out = both[keep]
+        order = np.argsort(out.index.asi8, kind="stable")
+        out = out.iloc[order]
+    out.attrs = dict(new.attrs)
+    out.attrs["line_base"] = None
+    return out
