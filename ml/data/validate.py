@@ -148,7 +148,7 @@ def _row_rules(frame: pd.DataFrame) -> list[tuple[np.ndarray, object]]:
     rules: list[tuple[np.ndarray, object]] = []
     for col in COLUMNS:
         bad = ~np.isfinite(v[col])
-        rules.append((bad, lambda i, col=col: f"{col} is NaN or not a number ({v[col][i]!r}): NaN is not allowed"))
+        rules.append((bad, lambda i, col=col: f"{col} is NaN (empty, not a number or infinite): NaN is not allowed"))
     finite = np.isfinite(o) & np.isfinite(h) & np.isfinite(lo) & np.isfinite(c)
     for col in PRICE_COLUMNS:
         bad = np.isfinite(v[col]) & (v[col] <= 0)
