@@ -160,9 +160,10 @@ def fetch(cfg: Config, since: pd.Timestamp | None = None, now: pd.Timestamp | No
         now_server = server_epoch(now_utc, cfg)
         date_to = _as_request(now_server)
         rates = api.copy_rates_range(symbol, TIMEFRAME_M15, date_from, date_to)
+        range_error = _last_error(api)  # now, before the next call overwrites it
         window = f"{date_from:%Y-%m-%d %H:%M} .. {date_to:%Y-%m-%d %H:%M} server time"
         if rates is None:
-            raise UserError(f"MT5: copy_rates_range({symbol!r}, M15, {window}) failed: {_last_error(api)}")
+            raise UserError(f"MT5: copy_rates_range({symbol!r}, M15, {window}) failed: {range_error}")
         rates = np.asarray(rates)
         if rates.dtype.names is None or any(f not in rates.dtype.names for f in _RATE_FIELDS):
             raise UserError(f"MT5: copy_rates_range answered an array without the bar fields {_RATE_FIELDS}")
@@ -177,7 +178,7 @@ def fetch(cfg: Config, since: pd.Timestamp | None = None, now: pd.Timestamp | No
         warnings = _spec_warnings(info, cfg)
         newer = rates["time"].astype("int64") > (server_epoch(since, cfg) if since is not None else -1)
         if not newer.any():
-            _empty_answer(cfg, symbol, window, since, now_utc, api)
+            _empty_answer(cfg, symbol, window, since, now_utc, range_error)
         frame = mt5_rates_to_frame(rates, cfg, f"MT5 {symbol}")
         if since is None and len(frame) and frame.index[0] - start_utc > pd.Timedelta(days=2):
             warnings.append(
@@ -199,14 +200,14 @@ def fetch(cfg: Config, since: pd.Timestamp | None = None, now: pd.Timestamp | No
 
 
 def _empty_answer(
-    cfg: Config, symbol: str, window: str, since: pd.Timestamp | None, now_utc: pd.Timestamp, api: Any
+    cfg: Config, symbol: str, window: str, since: pd.Timestamp | None, now_utc: pd.Timestamp, error: str
 ) -> None:
     """No completed bar came back: an error unless it is an incremental fetch with nothing new to expect yet."""
     if since is None:
-        raise UserError(f"MT5: copy_rates_range({symbol!r}, M15, {window}) answered no bars: {_last_error(api)}")
+        raise UserError(f"MT5: copy_rates_range({symbol!r}, M15, {window}) answered no bars: {error}")
     waited = (now_utc - since) / pd.Timedelta(minutes=1)
     if cfg.data.market_closures == "none" and waited > cfg.data.max_gap_minutes + 15:
         raise UserError(
             f"MT5: copy_rates_range({symbol!r}, M15, {window}) answered no new bars although the last stored bar "
-            f"({since:%Y-%m-%d %H:%M} UTC) is {waited:.0f} minutes old on a 24/7 symbol: {_last_error(api)}"
+            f"({since:%Y-%m-%d %H:%M} UTC) is {waited:.0f} minutes old on a 24/7 symbol: {error}"
         )
