@@ -308,20 +308,33 @@ class HubRegistry(Registry):
             self.repo_id, private=self.private, exist_ok=True, repo_type="model"))
         parent = self._call("read head", self._head)
 
-        def upload() -> str:
-            # On a retry, our previous attempt may have landed even though its answer was lost: the head then is a
-            # commit with our title on top of our parent. Any other head is another writer: refuse.
+        def landed() -> str | None:
+            """Our commit if it is the head already (an earlier attempt whose answer was lost), else None."""
             head = self._head()
-            if head != parent:
-                top = self._api.list_repo_commits(self.repo_id, revision=head, repo_type="model")
-                if top and top[0].title == summary and len(top) > 1 and top[1].commit_id == parent:
-                    return head
-                raise HubConflictError(f"{self.describe()}: someone else committed meanwhile (head {head[:8]}, "
-                                       f"expected {parent[:8]}); nothing pushed")
-            info = self._api.upload_folder(
-                repo_id=self.repo_id, folder_path=folder, repo_type="model", commit_message=summary,
-                commit_description=description.strip() or None, parent_commit=parent, delete_patterns=["*"],
-            )
+            if head == parent:
+                return None
+            top = self._api.list_repo_commits(self.repo_id, revision=head, repo_type="model")
+            if len(top) > 1 and top[0].title == summary and top[1].commit_id == parent:
+                return head
+            raise HubConflictError(f"{self.describe()}: someone else committed meanwhile (head {head[:8]}, "
+                                   f"expected {parent[:8]}); nothing pushed")
+
+        def upload() -> str:
+            from huggingface_hub.errors import HfHubHTTPError
+
+            if (ours := landed()) is not None:
+                return ours
+            try:
+                info = self._api.upload_folder(
+                    repo_id=self.repo_id, folder_path=folder, repo_type="model", commit_message=summary,
+                    commit_description=description.strip() or None, parent_commit=parent, delete_patterns=["*"],
+                )
+            except HfHubHTTPError as exc:
+                # 412/409 = the head moved. The client retries a commit POST whose answer was lost, and that retry
+                # is refused because our own first POST moved the head: then it is ours, not a conflict.
+                if _status(exc) in (409, 412) and (ours := landed()) is not None:
+                    return ours
+                raise
             return str(info.oid)
 
         commit_id = self._call("commit", upload)

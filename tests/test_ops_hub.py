@@ -140,6 +140,18 @@ def test_hub_concurrent_writer_is_refused(hub: HubStandIn, tmp_path: Path) -> No
     assert len(commits) == 2  # the conflict is not retried
 
 
+def test_hub_lost_commit_answer_is_not_a_conflict(hub: HubStandIn, tmp_path: Path) -> None:
+    """The commit lands but its answer is lost: the client's retry gets 412, and the push still succeeds once."""
+    reg = _hub_registry(hub)
+    reg.push(_folder(tmp_path / "v1", V1), MESSAGE, "run1")
+    hub.lose_commit_answer_once = True
+    commit = reg.push(_folder(tmp_path / "v2", V2), "run2: second", "run2")
+    assert hub.history(REPO_ID)[0].id == commit
+    assert [c.title for c in hub.history(REPO_ID)][:2] == ["run2: second", "run1: score 1.31 vs baseline 1.23 (gate "
+                                                          "+2% passed)"]  # exactly one new commit
+    assert hub.repos[REPO_ID].tags["run2"] == commit
+
+
 def test_hub_transient_errors_are_retried(hub: HubStandIn, tmp_path: Path) -> None:
     reg = _hub_registry(hub, retries=3)
     hub.fail_next = 2

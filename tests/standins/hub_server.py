@@ -5,7 +5,8 @@ Routes and response shapes follow the client's source (``hf_api.py``, ``_commit_
 ``_snapshot_download.py``). Every preupload answer is ``uploadMode: "regular"``, so the client never tries LFS/Xet
 storage. A commit whose ``parentCommit`` is not the branch head is refused with 412, as the Hub does for a concurrent
 writer. Switches: ``fail_next`` (answer the next N requests with 500), ``fail_always``, ``on_commit`` (a callback run
-when a commit request arrives, e.g. to simulate another writer), ``token`` (required bearer token).
+when a commit request arrives, e.g. to simulate another writer), ``lose_commit_answer_once`` (apply a commit but
+answer 502), ``token`` (required bearer token).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class HubStandIn:
         self.fail_next = 0
         self.fail_always = False
         self.on_commit: Callable[[], None] | None = None
+        self.lose_commit_answer_once = False  # apply the next commit but answer 500, as if the answer was lost
         self._lock = threading.RLock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
@@ -273,6 +275,9 @@ class HubStandIn:
                 else:
                     raise HttpError(400, f"stand-in: unsupported commit operation {key}")
             sha = self._new_commit(repo, head, header["summary"], header.get("description", ""), files)
+            if self.lose_commit_answer_once:
+                self.lose_commit_answer_once = False
+                raise HttpError(502, "stand-in: commit applied, answer lost")
         return _json(200, {"commitUrl": f"{self.url}/{repo_id}/commit/{sha}", "commitOid": sha,
                            "pullRequestUrl": None, "success": True})
 
