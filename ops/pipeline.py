@@ -1,0 +1,607 @@
+"""The 13 phases of the weekly run, as plain functions sharing state through files under ``results/<run id>/``.
+
+Every phase reads what it needs from the files earlier phases wrote (the dataset cache, the studies' best params,
+the staged models, the candidate config) so that a run killed anywhere can continue with ``--resume`` from the
+last completed phase, in a new process. ``scripts/weekly_optimize.py`` is the table of contents; this module is the
+chapters. Nothing here touches the deployed ``models/`` or ``config.json`` except phase 13, through
+:mod:`ops.deploy` (backup, atomic switch, restore).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml.config import Config, config_to_json, load_config, parse_config, secrets
+from ml.dataset import Dataset, build_dataset, lookahead_self_check
+from ml.errors import UserError
+from ml.paths import Paths
+from ops import deploy
+from ops.report import RunReport, telegram_text
+
+log = logging.getLogger("weekly")
+
+PHASES: list[tuple[int, str]] = [
+    (1, "preflight+baseline"), (2, "data"), (3, "dataset"), (4, "shap"), (5, "signal study"),
+    (6, "position study"), (7, "signal models"), (8, "position model"), (9, "sl/tp models"), (10, "risk model"),
+    (11, "config sweep"), (12, "oos evaluation"), (13, "commit or rollback"),
+]
+QUICK_HISTORY_DAYS = 365
+QUICK_TRIALS = (12, 6)
+
+
+@dataclass
+class RunOptions:
+    """Command-line choices that change what a run does (saved with the run so ``--resume`` keeps them)."""
+
+    demo: bool = False
+    data: str | None = None
+    quick: bool = False
+    dry_run: bool = False
+    n_trials: int | None = None
+    storage: str | None = None
+    phases: list[int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RunContext:
+    """Everything a phase needs: where things are, the run's config, options, and the report being written."""
+
+    paths: Paths
+    run_id: str
+    options: RunOptions
+    report: RunReport
+    cfg: Config  # the deployed config.json as it was at the start of the run (never changed by the run)
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.paths.results / self.run_id
+
+    @property
+    def staging(self) -> Path:
+        return deploy.stage_dir(self.paths, self.run_id)
+
+    @property
+    def run_cfg(self) -> Config:
+        """The config the run trains and evaluates with: config.json, with ``--quick`` / ``--n-trials`` applied."""
+        if "run_cfg" not in self._cache:
+            raw = self.cfg.model_dump(mode="json")
+            if self.options.quick:
+                raw["data"]["history_days"] = min(raw["data"]["history_days"], QUICK_HISTORY_DAYS)
+                raw["data"]["demo_bars"] = min(raw["data"]["demo_bars"], QUICK_HISTORY_DAYS * 96)
+                raw["tuning"]["signal_trials"] = min(raw["tuning"]["signal_trials"], QUICK_TRIALS[0])
+                raw["tuning"]["position_trials"] = min(raw["tuning"]["position_trials"], QUICK_TRIALS[1])
+            if self.options.n_trials:
+                raw["tuning"]["signal_trials"] = self.options.n_trials
+                raw["tuning"]["position_trials"] = max(1, self.options.n_trials // 2)
+            self._cache["run_cfg"] = parse_config(raw, "run config")
+        return self._cache["run_cfg"]
+
+    def dataset(self) -> Dataset:
+        if "ds" not in self._cache:
+            folder = self.run_dir / "dataset"
+            if not (folder / "dataset.json").exists():
+                raise UserError(f"{folder}: no dataset for run {self.run_id}; run phase 3 first")
+            self._cache["ds"] = Dataset.load(folder)
+        return self._cache["ds"]
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        p = self.run_dir / name
+        tmp = p.with_suffix(p.suffix + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        os.replace(tmp, p)
+        return p
+
+    def read_json(self, name: str) -> Any:
+        p = self.run_dir / name
+        if not p.exists():
+            raise UserError(f"{p}: missing output of an earlier phase (run the phases in order, or --resume)")
+        return json.loads(p.read_text())
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _metrics_of(result_metrics: dict[str, Any]) -> dict[str, Any]:
+    from backtest.metrics import json_safe
+
+    return json_safe(result_metrics)
+
+
+def _backtest(models_dir: Path, cfg: Config, ds: Dataset, windows: dict[str, tuple[int, int]]
+              ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Fast backtests of the model set in ``models_dir`` with ``cfg``'s trading params on several windows."""
+    from backtest.engine import prepare_arrays, run_arrays
+    from backtest.policy import make_params
+    from ml.models.bundle import load_bundle
+
+    bundle = load_bundle(models_dir, ds.feature_names)
+    arrays = prepare_arrays(ds.candles, ds.features, bundle, cfg)
+    params = make_params(cfg)
+    out, results = {}, {}
+    for name, (s, e) in windows.items():
+        run = run_arrays(arrays, params, s, e)
+        res = run.to_result(arrays, min_trades=cfg.profile.min_trades, in_sample=False)
+        out[name] = _metrics_of(res.metrics)
+        results[name] = res
+    return out, results
+
+
+def _oos_windows(ds: Dataset) -> dict[str, tuple[int, int]]:
+    sp = ds.splits
+    return {"full": (int(sp.oos[0]), int(sp.oos[-1]) + 1), "sweep": (int(sp.sweep[0]), int(sp.sweep[-1]) + 1),
+            "holdout": (int(sp.holdout[0]), int(sp.holdout[-1]) + 1)}
+
+
+def _has_models(folder: Path) -> bool:
+    return (folder / "manifest.json").is_file()
+
+
+def _save(folder: Path, key: str, obj: Any, ds: Dataset, *, feature_names: list[str], params: Any, metrics: Any,
+          kind: str, seed: int) -> dict[str, Any]:
+    from ml.models.manifest import save_model
+
+    sp = ds.splits
+    idx = ds.candles.index
+    train_range = {"start": str(idx[int(sp.train[0])]), "end": str(idx[int(sp.train[-1])]),
+                   "oos_start": str(idx[sp.oos_start])}
+    return save_model(folder, key, obj, feature_names=feature_names, train_range=train_range,
+                      data_hash=ds.data_hash(np.arange(0, int(sp.train[-1]) + 1)), params=params, seed=seed,
+                      metrics=metrics, kind=kind)
+
+
+# ------------------------------------------------------------------------------------------------ phases
+def phase_preflight(ctx: RunContext, s: dict[str, Any]) -> None:
+    """Config and environment checks, free disk, backup of the deployed state, and the baseline score."""
+    paths, cfg = ctx.paths, ctx.cfg
+    free_mb = shutil.disk_usage(paths.root).free // 2**20
+    s["free_disk_mb"] = int(free_mb)
+    if free_mb < cfg.pipeline.min_free_disk_mb:
+        raise UserError(f"{paths.root}: only {free_mb} MB free, config pipeline.min_free_disk_mb is "
+                        f"{cfg.pipeline.min_free_disk_mb}")
+    present = sorted(secrets())
+    s["secrets_present"] = present  # names only, never values
+    s["integrations"] = {
+        "candles": "file " + str(ctx.options.data) if ctx.options.data else ("demo" if ctx.options.demo else
+                                                                             _source_name(cfg)),
+        "hub": "huggingface" if cfg.hub.repo_id and "HF_TOKEN" in present else "local registry",
+        "telegram": "telegram" if {"TELEGRAM_TOKEN", "TELEGRAM_CHAT_ID"} <= set(present) else "file",
+    }
+    (ctx.run_dir / "config.old.json").write_text(paths.config.read_text())
+    b = deploy.backup(paths, ctx.run_id)
+    s["backup"] = {"path": str(b.path), "hashes": b.hashes}
+    ctx.report.set("models_before", b.hashes)
+    if not _has_models(paths.models):
+        s["baseline"] = None
+        s["note"] = "no deployed models: first run, only the absolute floors apply"
+        return
+    try:
+        from ml.data import load_candles
+
+        candles = load_candles(ctx.run_cfg, paths, ctx.options.data, ctx.options.demo)
+        ds = build_dataset(candles, ctx.run_cfg)
+        m, _ = _backtest(b.models_dir, cfg, ds, {"full": _oos_windows(ds)["full"]})
+        s["baseline"] = m["full"]
+    except UserError as exc:
+        s["baseline"] = None
+        s["note"] = f"the deployed models could not be evaluated ({exc}); only the floors apply"
+        log.warning("baseline unavailable: %s", exc)
+
+
+def _source_name(cfg: Config) -> str:
+    from ml.data import resolve_source
+
+    return resolve_source(cfg)
+
+
+def phase_data(ctx: RunContext, s: dict[str, Any]) -> None:
+    """MT5 connectivity check + candle refresh (or the file / demo source); validated, stored atomically."""
+    from ml.data import refresh
+
+    res = refresh(ctx.run_cfg, ctx.paths, ctx.options.data, ctx.options.demo)
+    rep = res.report
+    f = res.frame
+    info = {"source": res.source + (" (DEMO)" if res.is_demo else ""), "rows": int(len(f)),
+            "start": str(f.index[0]), "end": str(f.index[-1]), "new_bars": res.new_bars,
+            "gaps": [{"start": str(g.start), "minutes": g.minutes} for g in getattr(rep, "gaps", [])],
+            "spikes": int(getattr(rep, "spikes", 0) if not isinstance(getattr(rep, "spikes", 0), list)
+                          else len(rep.spikes)),
+            "demo": res.is_demo}
+    s.update(info)
+    ctx.report.set("data", info)
+    ctx.report.data["demo"] = res.is_demo
+    f.to_parquet(ctx.run_dir / "candles.parquet")
+
+
+def phase_dataset(ctx: RunContext, s: dict[str, Any]) -> None:
+    """Features, labels, splits; the look-ahead self-check stops the run if the features peek at the future."""
+    import pandas as pd
+
+    candles = pd.read_parquet(ctx.run_dir / "candles.parquet")
+    candles.attrs["demo"] = bool(ctx.report.data.get("demo"))
+    candles.attrs["source"] = (ctx.report.data.get("data") or {}).get("source", "")
+    ds = build_dataset(candles, ctx.run_cfg)
+    problems = lookahead_self_check(candles, ds.features, ctx.run_cfg)
+    if problems:
+        raise UserError("look-ahead self-check failed: " + "; ".join(problems))
+    ds.save(ctx.run_dir / "dataset")
+    ctx._cache["ds"] = ds
+    s["splits"] = ds.splits.describe(candles.index)
+    s["lookahead_check"] = "passed"
+    s["n_features"] = len(ds.feature_names)
+
+
+def phase_shap(ctx: RunContext, s: dict[str, Any]) -> None:
+    """SHAP importances of the three signal models (the deployed ones, else quick default fits): report only."""
+    from ml.models.signal import SIGNAL_MODELS, default_params, fit_signal_models, underlying
+    from ml.shap_analysis import shap_report
+
+    ds = ctx.dataset()
+    cfg = ctx.run_cfg
+    models = None
+    if _has_models(ctx.paths.models):
+        try:
+            from ml.models.manifest import load_model
+
+            models = {m: underlying(load_model(ctx.paths.models, f"signal_{m}", ds.feature_names))
+                      for m in SIGNAL_MODELS}
+            s["models"] = "deployed"
+        except UserError as exc:
+            log.warning("SHAP on fresh default models: deployed ones unusable (%s)", exc)
+    if models is None:
+        fit = ds.splits.fit
+        models = fit_signal_models(ds.X[fit], ds.y[fit], default_params(), cfg.tuning.seed)
+        s["models"] = "default params fitted on the fit window"
+    previous = _previous_shap(ctx)
+    rep = shap_report(models, ds.X[ds.splits.train], ds.feature_names, cfg.features.protected,
+                      ctx.run_dir / "shap", previous=previous, seed=cfg.tuning.seed)
+    s["flags"] = list(rep.get("flags", []))
+    s["previous"] = str(previous) if previous else None
+    ctx.report.set("shap", {"flags": s["flags"]})
+
+
+def _previous_shap(ctx: RunContext) -> Path | None:
+    runs = sorted(p for p in ctx.paths.results.glob("*/shap/shap_importance.csv") if p.parent.parent.name <
+                  ctx.run_id)
+    return runs[-1] if runs else None
+
+
+def phase_signal_study(ctx: RunContext, s: dict[str, Any]) -> None:
+    """Optuna study of the signal ensemble on purged walk-forward folds inside the training window."""
+    from ml.tune.hyperparams import run_signal_study
+
+    cfg = ctx.run_cfg
+    res = run_signal_study(ctx.dataset(), cfg, ctx.run_dir, n_trials=cfg.tuning.signal_trials,
+                           timeout=cfg.tuning.timeout_s, storage=ctx.options.storage,
+                           study_name=f"signal-{ctx.run_id}", n_jobs=cfg.tuning.n_jobs)
+    _publish_study(ctx, "signal", res, s)
+
+
+def _publish_study(ctx: RunContext, kind: str, res: Any, s: dict[str, Any]) -> None:
+    import optuna
+
+    trials = res.study.trials
+    n_pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
+    info = {"n_trials": len(trials), "n_pruned": n_pruned, "best_value": res.best_value,
+            "best_params": res.best_params,
+            "mean_trial_s": float(np.mean(res.per_trial_seconds)) if res.per_trial_seconds else None}
+    s.update(info)
+    ctx.write_json(f"best_params_{kind}.json", res.best_params)
+    # the seed project's location: results/optuna_study.pkl (+ the position study beside it)
+    for f in ctx.run_dir.glob("optuna_study*.pkl"):
+        shutil.copy2(f, ctx.paths.results / f.name)
+    ctx.report.set(f"optuna_{kind}", info)
+
+
+def phase_position_study(ctx: RunContext, s: dict[str, Any]) -> None:
+    """Optuna study of the position model, on positions entered by out-of-fold signal predictions."""
+    from ml.tune.position import run_position_study
+
+    from ml.tune.hyperparams import oof_signal_proba
+
+    cfg = ctx.run_cfg
+    ds = ctx.dataset()
+    best = ctx.read_json("best_params_signal.json")
+    pls = oof_signal_proba(ds, cfg, best)
+    res = run_position_study(ds, cfg, ctx.run_dir, pls, n_trials=cfg.tuning.position_trials,
+                             timeout=cfg.tuning.timeout_s, storage=ctx.options.storage,
+                             study_name=f"position-{ctx.run_id}")
+    _publish_study(ctx, "position", res, s)
+
+
+def phase_signal_models(ctx: RunContext, s: dict[str, Any]) -> None:
+    """Retrain RF, XGB and LGB with the tuned parameters, then ``calibrate_models()``; saved to staging."""
+    from ml.models.signal import train_signal
+
+    ds, cfg = ctx.dataset(), ctx.run_cfg
+    staging = ctx.staging
+    for f in staging.glob("*"):  # a resumed phase starts from a clean staging set
+        f.unlink()
+    out = train_signal(ds, cfg, params=ctx.read_json("best_params_signal.json"))
+    for m, model in out["models"].items():
+        _save(staging, f"signal_{m}", model, ds, feature_names=ds.feature_names, params=out["params"][m],
+              metrics={k: v.get(m) if isinstance(v, dict) else v for k, v in out["metrics"].items()},
+              kind="signal", seed=out["seed"])
+    s["metrics"] = out["metrics"].get("val", {}).get("ensemble")
+    s["timings_s"] = out.get("timings_s")
+
+
+def phase_position_model(ctx: RunContext, s: dict[str, Any]) -> None:
+    """Retrain the position (exit) model; needs the staged signal models."""
+    from backtest.policy import POSITION_STATE_FEATURES
+    from ml.models.position import train_position
+
+    ds, cfg = ctx.dataset(), ctx.run_cfg
+    params = ctx.read_json("best_params_position.json")
+    model, metrics = train_position(ds, cfg, ctx.staging, params=params)
+    _save(ctx.staging, "position", model, ds, feature_names=[*POSITION_STATE_FEATURES, *model.market_features],
+          params=params, metrics=metrics, kind="position", seed=cfg.tuning.seed)
+    s["metrics"] = metrics.get("val")
+
+
+def phase_sltp_models(ctx: RunContext, s: dict[str, Any]) -> None:
+    """Retrain the LightGBM SL/TP regressors; need the staged signal and position models."""
+    from ml.models.sltp import train_sltp
+
+    ds, cfg = ctx.dataset(), ctx.run_cfg
+    model, metrics = train_sltp(ds, cfg, ctx.staging)
+    _save(ctx.staging, "sl_tp", model, ds, feature_names=ds.feature_names, params=getattr(model, "params", None),
+          metrics=metrics, kind="sl_tp", seed=cfg.tuning.seed)
+    s["metrics"] = metrics
+
+
+def phase_risk_model(ctx: RunContext, s: dict[str, Any]) -> None:
+    """Retrain the risk-multiplier model on account-state labels from a full backtest; needs SL/TP."""
+    from ml.models.risk import train_risk
+
+    from backtest.policy import ACCOUNT_STATE_FEATURES
+
+    ds, cfg = ctx.dataset(), ctx.run_cfg
+    model, metrics = train_risk(ds, cfg, ctx.staging)
+    _save(ctx.staging, "risk", model, ds, feature_names=list(ACCOUNT_STATE_FEATURES),
+          params=getattr(model, "params", None), metrics=metrics, kind="risk", seed=cfg.tuning.seed)
+    s["metrics"] = metrics
+
+
+def phase_sweep(ctx: RunContext, s: dict[str, Any]) -> None:
+    """Config sweep inside the active profile's bounds on the first 70% of the OOS window only."""
+    from backtest.engine import prepare_arrays
+    from backtest.sweep import run_sweep, save_sweep, top_rows
+    from ml.models.bundle import load_bundle
+
+    ds, cfg = ctx.dataset(), ctx.run_cfg
+    bundle = load_bundle(ctx.staging, ds.feature_names)
+    arrays = prepare_arrays(ds.candles, ds.features, bundle, cfg)
+    w = _oos_windows(ds)
+    res = run_sweep(arrays, cfg, w["sweep"], oos_bars=w["full"][1] - w["full"][0], n_jobs=2)
+    save_sweep(res, ctx.run_dir)
+    old = ctx.cfg.trading
+    chosen = res.best or {"confidence_threshold": old.confidence_threshold, "risk_percent": old.risk_percent,
+                          "sl_multiplier": old.sl_multiplier, "tp_multiplier": old.tp_multiplier,
+                          "sessions": list(old.sessions)}
+    raw = ctx.cfg.model_dump(mode="json")  # config.json as deployed; only the swept trading values change
+    raw["trading"].update(chosen)
+    candidate = parse_config(raw, "candidate config")
+    (ctx.run_dir / "config.candidate.json").write_text(config_to_json(candidate))
+    change = {k: (getattr(old, k) if k != "sessions" else list(old.sessions), chosen[k]) for k in chosen}
+    info = {"fraction": cfg.splits.sweep_fraction, "n_combos": res.n_combos, "n_eligible": res.n_eligible,
+            "min_trades": res.min_trades, "top": top_rows(res), "kept_current": res.best is None}
+    s.update(info)
+    ctx.report.set("sweep", info)
+    ctx.report.set("config_change", change)
+
+
+def phase_evaluate(ctx: RunContext, s: dict[str, Any]) -> None:
+    """A clean backtest of the new models + candidate config on the whole OOS window (holdout shown apart),
+    and of the deployed models + config on exactly the same windows."""
+    from backtest.plots import plot_equity
+
+    ds = ctx.dataset()
+    w = {k: v for k, v in _oos_windows(ds).items() if k in ("full", "holdout")}
+    cand = load_config(ctx.run_dir / "config.candidate.json")
+    new, new_res = _backtest(ctx.staging, cand, ds, w)
+    ev: dict[str, Any] = {"new_full": new["full"], "new_holdout": new["holdout"]}
+    curves = {"new": new_res["full"].equity}
+    backup_models = ctx.paths.backups / ctx.run_id / "models"
+    if _has_models(backup_models):
+        try:
+            old_cfg = load_config(ctx.run_dir / "config.old.json")
+            base, base_res = _backtest(backup_models, old_cfg, ds, w)
+            ev["baseline_full"], ev["baseline_holdout"] = base["full"], base["holdout"]
+            curves["baseline"] = base_res["full"].equity
+        except UserError as exc:
+            ev["baseline_error"] = str(exc)
+    new_res["full"].trades.to_csv(ctx.run_dir / "trades_new.csv", index=False)
+    plot_equity(curves, ctx.run_dir / "equity_baseline_vs_new.png",
+                title=f"OOS equity ({ctx.run_id})" + (" - DEMO DATA" if ds.is_demo else ""))
+    ctx.write_json("evaluation.json", ev)
+    s.update({k: {"score": v.get("score"), "trades": v.get("trades")} for k, v in ev.items() if isinstance(v, dict)})
+    ctx.report.set("evaluation", ev)
+
+
+def phase_commit(ctx: RunContext, s: dict[str, Any]) -> None:
+    """Gate; then push to the Hub and switch atomically, or restore the backup. Always report."""
+    from backtest.metrics import Floors, gate
+    from ops.hub import HubError, make_registry
+
+    cfg, paths = ctx.cfg, ctx.paths
+    ev = ctx.read_json("evaluation.json")
+    baseline = ev.get("baseline_full")
+    new = ev["new_full"]
+    dec = gate(new, baseline, Floors.from_profile(cfg.profile), cfg.pipeline.gate_improvement)
+    b_score = None if baseline is None else baseline.get("score")
+    if b_score is None:
+        arith = f"first run: floors only (trades {new['trades']} >= {cfg.profile.min_trades}, max DD " \
+                f"{new['max_drawdown_pct']:.2f}% <= {cfg.profile.max_drawdown_pct}%)"
+    elif b_score > 0:
+        arith = f"new {new['score']:.4f} >= baseline {b_score:.4f} x {1 + cfg.pipeline.gate_improvement:.2f} " \
+                f"= {dec.threshold:.4f}" if dec.threshold is not None else dec.reason
+    else:
+        arith = f"new {new['score']:.4f} >= baseline {b_score:.4f} + {cfg.pipeline.gate_improvement} x " \
+                f"|{b_score:.4f}| = {dec.threshold:.4f}" if dec.threshold is not None else dec.reason
+    ctx.report.set("gate", {"passed": dec.passed, "reason": dec.reason, "threshold": dec.threshold,
+                            "arithmetic": arith})
+    backup = deploy.load_backup(paths, ctx.run_id)
+    action, reason = ("commit", dec.reason) if dec.passed else ("rollback", dec.reason)
+    if ctx.options.dry_run:
+        action, reason = f"dry-run ({action} skipped)", f"dry run: would {action}: {dec.reason}"
+    elif dec.passed:
+        try:
+            push_dir = _push_folder(ctx)
+            registry = make_registry(cfg, paths)
+            if ctx.run_id in registry.tags():
+                s["hub"] = f"tag {ctx.run_id} already in {registry.describe()} (resumed commit)"
+            else:
+                msg = (f"weekly {ctx.run_id}: score {new['score']:.4f} vs baseline "
+                       f"{'none' if b_score is None else f'{b_score:.4f}'}\n\n{arith}")
+                commit_id = registry.push(push_dir, msg, ctx.run_id)
+                s["hub"] = f"pushed {commit_id} to {registry.describe()} with tag {ctx.run_id}"
+            _crash_point("after_push")
+            new_hashes = deploy.commit(paths, ctx.run_id, ctx.staging,
+                                       (ctx.run_dir / "config.candidate.json").read_text())
+            s["deployed"] = new_hashes
+            ctx.report.set("models", {k: v for k, v in new_hashes.items()})
+            ctx.report.set("model_hash", new_hashes.get("models/manifest.json"))
+        except HubError as exc:
+            action, reason = "rollback", f"gate passed but the Hub push failed: {exc}"
+    if action == "rollback":
+        if not deploy.verify(paths, backup.hashes):
+            deploy.restore(paths, backup)
+        s["restored"] = deploy.verify(paths, backup.hashes)
+        if not s["restored"]:
+            raise UserError("rollback: the deployed state does not match the backup's hashes")
+    removed = deploy.prune_backups(paths, cfg.pipeline.keep_backups)
+    s["pruned_backups"] = removed
+    ctx.report.set("decision", {"action": action, "reason": reason})
+    s["action"] = action
+    _notify(ctx)
+    ctx.report.data.setdefault("notes", [])
+
+
+def _push_folder(ctx: RunContext) -> Path:
+    """What goes to the Hub: the staged models (+ manifest), the candidate config and the report."""
+    d = ctx.paths.staging / ctx.run_id / "push"
+    if d.exists():
+        shutil.rmtree(d)
+    shutil.copytree(ctx.staging, d / "models")
+    shutil.copy2(ctx.run_dir / "config.candidate.json", d / "config.json")
+    shutil.copy2(ctx.staging / "manifest.json", d / "manifest.json")
+    ctx.report.save()
+    shutil.copy2(ctx.run_dir / "report.md", d / "report.md")
+    return d
+
+
+def _notify(ctx: RunContext) -> None:
+    from ops.notify import make_notifier
+
+    ctx.report.save()
+    notifier = make_notifier(ctx.cfg, ctx.paths, ctx.run_dir)
+    png = [p for p in (ctx.run_dir / "equity_baseline_vs_new.png",) if p.exists()]
+    ok = notifier.send(telegram_text(ctx.report.data), png)
+    if not ok:
+        log.warning("notification failed (the report is in %s)", ctx.run_dir)
+
+
+PHASE_FUNCS: dict[int, Callable[[RunContext, dict[str, Any]], None]] = {
+    1: phase_preflight, 2: phase_data, 3: phase_dataset, 4: phase_shap, 5: phase_signal_study,
+    6: phase_position_study, 7: phase_signal_models, 8: phase_position_model, 9: phase_sltp_models,
+    10: phase_risk_model, 11: phase_sweep, 12: phase_evaluate, 13: phase_commit,
+}
+
+
+# ------------------------------------------------------------------------------------------------ run state
+def _crash_point(name: str) -> None:
+    """Test hook: ``WEEKLY_CRASH_AT=<name>`` SIGKILLs the process here (a real kill, for the kill test)."""
+    if os.environ.get("WEEKLY_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def new_run_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _state_path(paths: Paths, run_id: str) -> Path:
+    return paths.results / run_id / "state.json"
+
+
+def load_state(paths: Paths, run_id: str) -> dict[str, Any]:
+    return json.loads(_state_path(paths, run_id).read_text())
+
+
+def save_state(paths: Paths, run_id: str, state: dict[str, Any]) -> None:
+    p = _state_path(paths, run_id)
+    tmp = p.with_suffix(".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(state, indent=2))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, p)
+
+
+def unfinished_runs(paths: Paths) -> list[str]:
+    out = []
+    for p in sorted(paths.results.glob("*/state.json")):
+        try:
+            st = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if not st.get("finished"):
+            out.append(st["run_id"])
+    return out
+
+
+def run_pipeline(paths: Paths, options: RunOptions, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) the phases; the caller holds the lock and has called :func:`ops.deploy.recover`."""
+    if resume:
+        pending = unfinished_runs(paths)
+        if not pending:
+            raise UserError(f"{paths.results}: no unfinished run to resume")
+        run_id = pending[-1]
+        state = load_state(paths, run_id)
+        options = RunOptions(**state["options"])
+        log.info("resuming run %s after phase(s) %s", run_id, state["completed"])
+    else:
+        for rid in unfinished_runs(paths):
+            log.warning("run %s did not finish; starting a new run (use --resume to continue it)", rid)
+            st = load_state(paths, rid)
+            st["finished"] = True
+            st["abandoned"] = True
+            save_state(paths, rid, st)
+        run_id = new_run_id()
+        while (paths.results / run_id).exists():
+            time.sleep(1.0)
+            run_id = new_run_id()
+        (paths.results / run_id).mkdir(parents=True)
+        state = {"run_id": run_id, "options": options.to_dict(), "completed": [], "finished": False}
+        save_state(paths, run_id, state)
+    cfg_path = paths.results / run_id / "config.old.json"
+    cfg = load_config(cfg_path if cfg_path.exists() else paths.config)
+    report = RunReport(paths.results / run_id, run_id, demo=options.demo)
+    report.set("options", options.to_dict())
+    ctx = RunContext(paths=paths, run_id=run_id, options=options, report=report, cfg=cfg)
+    wanted = options.phases or [n for n, _ in PHASES]
+    for number, name in PHASES:
+        if number in state["completed"] or number not in wanted:
+            continue
+        with report.phase(number, name) as summary:
+            PHASE_FUNCS[number](ctx, summary)
+        state["completed"].append(number)
+        save_state(paths, run_id, state)
+        _crash_point(f"after_phase_{number}")
+    state["finished"] = True
+    save_state(paths, run_id, state)
+    report.save()
+    return report.data

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""The weekly job (cron, Sunday 02:00 UTC): retrain, tune and safely redeploy the bot's models, or change nothing.
+
+The 13 phases, in order (each a plain function in ``ops/pipeline.py``; outputs under ``results/<run id>/``):
+
+ 1. pre-flight, backup of models/ + config.json, baseline score of the deployed set
+ 2. MT5 connectivity check and candle refresh (or the file / demo source)
+ 3. dataset: features, labels, purged splits, look-ahead self-check
+ 4. SHAP importances of the three signal models (report only)
+ 5. Optuna study of the signal ensemble          6. Optuna study of the position model
+ 7. retrain + calibrate RF/XGB/LGB               8. position model
+ 9. SL/TP models                                10. risk model
+11. config sweep on the first 70% of the OOS window, inside the risk profile's bounds
+12. clean backtest on the whole OOS window (incl. the 30% holdout), new vs deployed
+13. gate: commit (Hub push, atomic switch, success report) or rollback (restore backup, failure report)
+
+Exit codes: 0 finished (committed, rolled back or dry run), 2 bad input (config, data, models, services),
+3 another run holds the lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ml.config import load_dotenv_file, redact  # noqa: E402
+from ml.errors import UserError, cli_main  # noqa: E402
+from ml.paths import Paths  # noqa: E402
+from ops import deploy  # noqa: E402
+from ops.lock import run_lock  # noqa: E402
+from ops.pipeline import PHASES, RunOptions, run_pipeline  # noqa: E402
+
+
+def _phases(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    out: set[int] = set()
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        try:
+            lo, hi = int(a), int(b or a)
+        except ValueError:
+            raise UserError(f"--phases: '{part}' is not a phase number or range (1-13)") from None
+        if not (1 <= lo <= hi <= 13):
+            raise UserError(f"--phases: '{part}' is outside 1-13")
+        out.update(range(lo, hi + 1))
+    return sorted(out)
+
+
+class _Redacting(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", help="where config.json, data/, models/, results/, backups/ live (default: the repo)")
+    ap.add_argument("--data", help="a candle file (MT5 export, CSV or Parquet) instead of the store / MT5")
+    ap.add_argument("--demo", action="store_true", help="use the seeded demo candles (labelled DEMO everywhere)")
+    ap.add_argument("--quick", action="store_true", help="about a year of data and few trials: a first look")
+    ap.add_argument("--dry-run", action="store_true", help="do everything but the commit")
+    ap.add_argument("--resume", action="store_true", help="continue the last unfinished run after its last phase")
+    ap.add_argument("--phases", help="run only these phases, e.g. '1-3,11' (debugging)")
+    ap.add_argument("--n-trials", type=int, help="signal study trials (the position study gets half)")
+    ap.add_argument("--storage", help="Optuna storage URL (default: sqlite under results/)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args()
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_Redacting("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
+    for noisy in ("httpx", "httpcore", "numba", "matplotlib", "PIL", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    paths = Paths.of(args.root)
+    load_dotenv_file(paths.root)
+    if args.n_trials is not None and args.n_trials < 1:
+        raise UserError("--n-trials must be >= 1")
+    opts = RunOptions(demo=args.demo, data=str(Path(args.data).resolve()) if args.data else None, quick=args.quick,
+                      dry_run=args.dry_run, n_trials=args.n_trials, storage=args.storage,
+                      phases=_phases(args.phases))
+    paths.results.mkdir(parents=True, exist_ok=True)
+    with run_lock(paths):
+        recovered = deploy.recover(paths)
+        if recovered:
+            logging.getLogger("weekly").warning("start-up recovery: %s", recovered)
+        if not paths.config.exists():
+            raise UserError(f"{paths.config}: config file not found (copy the repository's config.json there)")
+        data = run_pipeline(paths, opts, resume=args.resume)
+    dec = data.get("decision") or {}
+    print("\nphase                     status   seconds")
+    for p in sorted(data.get("phases", []), key=lambda p: p["number"]):
+        name = dict(PHASES).get(p["number"], p["name"])
+        print(f"{p['number']:>2} {name:<22} {p['status']:<8} {p.get('seconds') or 0:>8.1f}")
+    total = sum(p.get("seconds") or 0 for p in data.get("phases", []))
+    print(f"   {'total':<22} {'':<8} {total:>8.1f}")
+    demo = " [DEMO DATA]" if data.get("demo") else ""
+    print(f"\nrun {data['run_id']}{demo}: {dec.get('action', 'incomplete')} - {dec.get('reason', '')}")
+    print(f"report: {paths.results / data['run_id'] / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli_main(main)
