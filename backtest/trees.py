@@ -138,7 +138,7 @@ def compile_booster(model: Any) -> CompiledTrees:
     )
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def predict_raw(trees: CompiledTrees, x: np.ndarray) -> float:
     """Raw score of one row ``x`` (float64, at least ``num_features`` wide). NaN handling as LightGBM."""
     s = 0.0
@@ -161,7 +161,7 @@ def predict_raw(trees: CompiledTrees, x: np.ndarray) -> float:
     return s * trees.scale
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def transform(trees: CompiledTrees, raw: float) -> float:
     """Raw score -> prediction (probability for binary models, value for regressions)."""
     if trees.objective == OBJ_SIGMOID:
@@ -171,13 +171,13 @@ def transform(trees: CompiledTrees, raw: float) -> float:
     return raw
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def predict(trees: CompiledTrees, x: np.ndarray) -> float:
     """Prediction of one row (see :func:`transform`)."""
     return transform(trees, predict_raw(trees, x))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def predict_raw_batch(trees: CompiledTrees, X: np.ndarray) -> np.ndarray:
     """Raw scores of every row of a 2-D float64 matrix."""
     out = np.empty(X.shape[0], dtype=np.float64)

@@ -1,0 +1,382 @@
+"""Two ways to run one trading logic: ``run_step`` (the reference) and ``run_fast`` / ``run_arrays`` (the workhorse).
+
+* :func:`run_step` drives :class:`backtest.live.Trader` bar by bar exactly as the live bot does: features from a
+  bounded history window, the predictor called on one row, the policy applied to an explicit State.
+* :func:`run_fast` computes the features and every *state-independent* prediction once for all bars
+  (:func:`prepare_arrays`), then runs the compiled kernel (``backtest/nb.py``). State-dependent models (position and
+  risk) are compiled trees evaluated inside the kernel, never per-bar Python calls.
+* :func:`run_arrays` is the hot path for the sweep, Optuna objectives and risk labels: it reuses a prepared
+  :class:`MarketArrays` (cached predictions, preallocated output buffers, memoised position paths) and only takes new
+  scalar :class:`~backtest.policy.Params`. One call costs the kernel plus a few tens of microseconds.
+
+Both modes return a :class:`BacktestResult` with the same trade table, equity curve, breaker trips and metrics.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from backtest import metrics as _metrics
+from backtest.live import Trader
+from backtest.nb import run_kernel
+from backtest.policy import (
+    EXIT_REASONS,
+    TRIP_REASONS,
+    VOL_REGIME_BARS,
+    Params,
+    decision_clock,
+    make_params,
+    vol_regime_series,
+)
+from backtest.predictor import Predictor, predictor_name
+from backtest.trees import CompiledTrees, empty_trees
+from ml.config import Config
+from ml.errors import UserError
+
+CANDLE_COLUMNS = ("open", "high", "low", "close", "spread")
+TRADE_COLUMNS = ["entry_bar", "exit_bar", "entry_time", "exit_time", "side", "size", "entry_price", "exit_price",
+                 "stop", "target", "pnl", "r_multiple", "exit_reason", "risk_mult"]
+_PATH_CACHE_SIZE = 32
+
+
+@dataclass
+class BacktestResult:
+    """One backtest: trades, equity at each bar's close, breaker trips, skipped orders, metrics."""
+
+    trades: pd.DataFrame
+    equity: pd.Series
+    trips: list[dict[str, Any]]
+    skipped_size: int
+    metrics: dict[str, Any]
+    in_sample: bool
+    mode: str
+    predictor: str
+    params: Params
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description (metrics, window, flags)."""
+        return {
+            "mode": self.mode, "predictor": self.predictor, "in_sample": self.in_sample,
+            "window": {"start": str(self.equity.index[0]), "end": str(self.equity.index[-1]),
+                       "bars": int(self.equity.size)},
+            "metrics": self.metrics, "skipped_size": self.skipped_size, "trips": self.trips,
+            "params": self.params._asdict(),
+        }
+
+
+# --------------------------------------------------------------------------------------------------- windows
+def resolve_window(index: pd.DatetimeIndex, start: Any = None, end: Any = None) -> tuple[int, int]:
+    """Bar positions ``[s, e)`` from ints (positions), timestamps/strings (``start`` inclusive, ``end`` exclusive)
+    or None (data start / end). An empty window is a :class:`UserError`."""
+
+    def pos(x: Any, default: int) -> int:
+        if x is None:
+            return default
+        if isinstance(x, (int, np.integer)):
+            return int(x) if x >= 0 else len(index) + int(x)
+        ts = pd.Timestamp(x)
+        if ts.tzinfo is None:
+            ts = ts.tz_localize("UTC")
+        return int(index.searchsorted(ts, side="left"))
+
+    s, e = max(pos(start, 0), 0), min(pos(end, len(index)), len(index))
+    if e - s < 2:
+        raise UserError(f"empty backtest window: {start} .. {end} holds {max(e - s, 0)} bars of "
+                        f"{len(index)} (need at least 2)")
+    return s, e
+
+
+def _gap_positions(index: pd.DatetimeIndex, max_gap_minutes: int) -> np.ndarray:
+    """Positions ``i`` where the step from bar ``i - 1`` to bar ``i`` exceeds ``max_gap_minutes``."""
+    ns = index.as_unit("ns").asi8
+    d = np.diff(ns)
+    return np.flatnonzero(d > max_gap_minutes * 60 * 1_000_000_000) + 1
+
+
+def check_window_gaps(index: pd.DatetimeIndex, gaps: np.ndarray, s: int, e: int, max_gap_minutes: int) -> None:
+    """A gap longer than the config's ``data.max_gap_minutes`` inside the window is bad input (UserError)."""
+    inside = gaps[(gaps > s) & (gaps < e)]
+    if inside.size:
+        i = int(inside[0])
+        raise UserError(f"candles have a {int((index[i] - index[i - 1]).total_seconds() // 60)}-minute gap inside "
+                        f"the backtest window ({index[i - 1]} -> {index[i]}; data.max_gap_minutes = "
+                        f"{max_gap_minutes})")
+
+
+def _check_candles(candles: pd.DataFrame) -> None:
+    missing = [c for c in CANDLE_COLUMNS if c not in candles.columns]
+    if missing:
+        raise UserError(f"candles lack columns {missing}")
+    if not isinstance(candles.index, pd.DatetimeIndex) or candles.index.tz is None:
+        raise UserError("candles need a tz-aware UTC DatetimeIndex")
+    if len(candles) and not candles.index.is_monotonic_increasing:
+        raise UserError("candles are not sorted by time")
+
+
+# ----------------------------------------------------------------------------------------------- fast mode
+@dataclass
+class MarketArrays:
+    """Everything state-independent for one candle set and one predictor, as contiguous arrays (prepared once)."""
+
+    index: pd.DatetimeIndex
+    open: np.ndarray
+    high: np.ndarray
+    low: np.ndarray
+    close: np.ndarray
+    spread: np.ndarray
+    hour: np.ndarray
+    day: np.ndarray
+    atr: np.ndarray
+    p_long: np.ndarray
+    p_short: np.ndarray
+    sl_atr: np.ndarray
+    tp_atr: np.ndarray
+    use_sltp: bool
+    exit_X: np.ndarray
+    exit_trees: CompiledTrees
+    use_exit: bool
+    vol_regime: np.ndarray
+    risk_trees: CompiledTrees
+    use_risk: bool
+    max_gap_minutes: int = 120
+    predictor: str = ""
+    gaps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    _paths: OrderedDict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = field(
+        default_factory=OrderedDict, repr=False)
+    _ws: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def n(self) -> int:
+        return int(self.open.size)
+
+    def workspace(self) -> dict[str, np.ndarray]:
+        """Output buffers of the kernel, allocated once per MarketArrays (the kernel holds the GIL, so threads that
+        share one MarketArrays never run it concurrently; :func:`run_arrays` copies results out)."""
+        if not self._ws:
+            n = self.n
+            f = lambda: np.empty(n, dtype=np.float64)  # noqa: E731
+            i = lambda: np.empty(n, dtype=np.int64)  # noqa: E731
+            self._ws = {
+                "t_entry": i(), "t_exit": i(), "t_side": i(), "t_size": f(), "t_entry_px": f(), "t_exit_px": f(),
+                "t_stop": f(), "t_target": f(), "t_pnl": f(), "t_r": f(), "t_reason": i(), "t_mult": f(),
+                "equity": f(), "trip_bar": np.empty(2 * n + 4, dtype=np.int64),
+                "trip_code": np.empty(2 * n + 4, dtype=np.int64),
+            }
+        return self._ws
+
+    def paths(self, p: Params, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Memoised position paths valid for ``p`` (see ``backtest/nb.py``), LRU-bounded."""
+        key = (p.sl_multiplier, p.tp_multiplier, p.exit_threshold, p.max_holding_bars, p.fixed_sl_atr,
+               p.fixed_tp_atr, p.slippage_points, p.point, end)
+        got = self._paths.get(key)
+        if got is None:
+            got = (np.full(self.n, -1, dtype=np.int64), np.empty(self.n), np.zeros(self.n, dtype=np.int64))
+            self._paths[key] = got
+            while len(self._paths) > _PATH_CACHE_SIZE:
+                self._paths.popitem(last=False)
+        else:
+            self._paths.move_to_end(key)
+        return got
+
+    def clear_paths(self) -> None:
+        self._paths.clear()
+
+    def window(self, start: Any = None, end: Any = None) -> tuple[int, int]:
+        """Resolve and validate a window (empty window / gaps inside -> UserError)."""
+        s, e = resolve_window(self.index, start, end)
+        check_window_gaps(self.index, self.gaps, s, e, self.max_gap_minutes)
+        return s, e
+
+
+def prepare_arrays(candles: pd.DataFrame, features: pd.DataFrame | None, predictor: Predictor,
+                   cfg: Config) -> MarketArrays:
+    """Compute once, for all bars: features (if not given), the signal probabilities, SL/TP distances, the exit
+    model's market columns, ATR and the vol regime. This is the one-off cost the benchmark reports separately."""
+    _check_candles(candles)
+    names = list(predictor.feature_names)
+    if features is None:
+        from ml.features import build_features
+
+        features = build_features(candles, cfg)
+    if len(features) != len(candles) or not features.index.equals(candles.index):
+        raise UserError("features do not line up with the candles (different index)")
+    missing = [c for c in names if c not in features.columns]
+    if missing:
+        raise UserError(f"the predictor expects feature columns the feature code does not produce: {missing}")
+    if "atr" not in features.columns:
+        raise UserError("features lack the 'atr' column")
+    F = features[names].to_numpy(np.float32)
+    n = len(candles)
+    proba = np.asarray(predictor.signal_proba(F), dtype=np.float64)
+    if proba.shape != (n, 2):
+        raise ValueError(f"signal_proba returned shape {proba.shape}, expected ({n}, 2)")
+    sltp = predictor.sltp(F)
+    use_sltp = sltp is not None
+    if use_sltp:
+        sltp = np.asarray(sltp, dtype=np.float64)
+        if sltp.shape != (n, 2):
+            raise ValueError(f"sltp returned shape {sltp.shape}, expected ({n}, 2)")
+        sl_atr, tp_atr = np.ascontiguousarray(sltp[:, 0]), np.ascontiguousarray(sltp[:, 1])
+    else:
+        sl_atr = tp_atr = np.full(n, np.nan)
+    em = predictor.exit_model
+    if em is not None:
+        exit_trees, cols = em[0], np.asarray(em[1], dtype=np.int64)
+        exit_X = np.ascontiguousarray(F[:, cols], dtype=np.float64)
+    else:
+        exit_trees, exit_X = empty_trees(), np.zeros((n, 0), dtype=np.float64)
+    rm = predictor.risk_model
+    atr = features["atr"].to_numpy(np.float32).astype(np.float64)
+    hour, day = decision_clock(candles.index.as_unit("ns").asi8)
+    # writable copies: read-only arrays would make numba compile (and cache) a second kernel signature
+    col = lambda name: np.array(candles[name].to_numpy(np.float64), copy=True)  # noqa: E731
+    return MarketArrays(
+        index=candles.index, open=col("open"), high=col("high"), low=col("low"), close=col("close"),
+        spread=col("spread"), hour=np.ascontiguousarray(hour), day=np.ascontiguousarray(day), atr=atr,
+        p_long=np.ascontiguousarray(proba[:, 0]), p_short=np.ascontiguousarray(proba[:, 1]), sl_atr=sl_atr,
+        tp_atr=tp_atr, use_sltp=use_sltp, exit_X=exit_X, exit_trees=exit_trees, use_exit=em is not None,
+        vol_regime=vol_regime_series(atr, VOL_REGIME_BARS), risk_trees=rm if rm is not None else empty_trees(),
+        use_risk=rm is not None, max_gap_minutes=cfg.data.max_gap_minutes, predictor=predictor_name(predictor),
+        gaps=_gap_positions(candles.index, cfg.data.max_gap_minutes),
+    )
+
+
+@dataclass
+class FastRun:
+    """Raw output of :func:`run_arrays` (copied out of the shared buffers): cheap to make, cheap to score."""
+
+    start: int
+    end: int
+    params: Params
+    trades: dict[str, np.ndarray]
+    equity: np.ndarray  # marked equity at the close of bars start..end-1
+    trip_bar: np.ndarray
+    trip_code: np.ndarray
+    skipped_size: int
+
+    @property
+    def n_trades(self) -> int:
+        return int(self.trades["pnl"].size)
+
+    def metrics(self, arrays: MarketArrays, min_trades: int = 30) -> dict[str, Any]:
+        return _metrics.compute_metrics(
+            self.equity, arrays.day[self.start:self.end], self.trades["pnl"], self.trades["r"],
+            self.trades["entry"], self.trades["exit"], self.params.initial_equity, int(self.trip_bar.size),
+            min_trades)
+
+    def to_result(self, arrays: MarketArrays, *, min_trades: int = 30, in_sample: bool = True,
+                  mode: str = "fast") -> BacktestResult:
+        idx = arrays.index
+        tr = self.trades
+        trades = pd.DataFrame({
+            "entry_bar": tr["entry"], "exit_bar": tr["exit"], "entry_time": idx[tr["entry"]],
+            "exit_time": idx[tr["exit"]], "side": tr["side"], "size": tr["size"], "entry_price": tr["entry_px"],
+            "exit_price": tr["exit_px"], "stop": tr["stop"], "target": tr["target"], "pnl": tr["pnl"],
+            "r_multiple": tr["r"], "exit_reason": [EXIT_REASONS[int(c)] for c in tr["reason"]],
+            "risk_mult": tr["mult"],
+        }, columns=TRADE_COLUMNS)
+        equity = pd.Series(self.equity, index=idx[self.start:self.end], name="equity")
+        trips = [{"bar": int(b), "time": str(idx[int(b)]), "reason": TRIP_REASONS[int(c)]}
+                 for b, c in zip(self.trip_bar, self.trip_code, strict=True)]
+        return BacktestResult(trades=trades, equity=equity, trips=trips, skipped_size=self.skipped_size,
+                              metrics=self.metrics(arrays, min_trades), in_sample=in_sample, mode=mode,
+                              predictor=arrays.predictor, params=self.params)
+
+
+def run_arrays(arrays: MarketArrays, params: Params, start: int = 0, end: int | None = None, *,
+               memo_paths: bool = True, check: bool = True) -> FastRun:
+    """Run the compiled kernel on bar positions ``[start, end)`` of prepared arrays with scalar ``params``.
+
+    ``memo_paths`` reuses the position paths of earlier runs with the same path-relevant params (``nb.py``);
+    ``check=False`` skips the window validation (callers that validated the window once)."""
+    if end is None:
+        end = arrays.n
+    if check:
+        start, end = arrays.window(int(start), int(end))
+    ws = arrays.workspace()
+    if memo_paths:
+        tb, tpx, trs = arrays.paths(params, end)
+    else:
+        tb, tpx, trs = np.full(arrays.n, -1, dtype=np.int64), np.empty(arrays.n), np.zeros(arrays.n, np.int64)
+    n_tr, n_trips, skipped = run_kernel(
+        arrays.open, arrays.high, arrays.low, arrays.close, arrays.spread, arrays.hour, arrays.day, arrays.atr,
+        arrays.p_long, arrays.p_short, arrays.sl_atr, arrays.tp_atr, arrays.use_sltp, arrays.exit_X,
+        arrays.exit_trees, arrays.use_exit, arrays.vol_regime, arrays.risk_trees, arrays.use_risk, params,
+        start, end, tb, tpx, trs,
+        ws["t_entry"], ws["t_exit"], ws["t_side"], ws["t_size"], ws["t_entry_px"], ws["t_exit_px"], ws["t_stop"],
+        ws["t_target"], ws["t_pnl"], ws["t_r"], ws["t_reason"], ws["t_mult"], ws["equity"], ws["trip_bar"],
+        ws["trip_code"])
+    trades = {k[2:]: ws[k][:n_tr].copy() for k in ("t_entry", "t_exit", "t_side", "t_size", "t_entry_px",
+                                                    "t_exit_px", "t_stop", "t_target", "t_pnl", "t_r", "t_reason",
+                                                    "t_mult")}
+    return FastRun(start=start, end=end, params=params, trades=trades, equity=ws["equity"][start:end].copy(),
+                   trip_bar=ws["trip_bar"][:n_trips].copy(), trip_code=ws["trip_code"][:n_trips].copy(),
+                   skipped_size=int(skipped))
+
+
+def run_fast(candles: pd.DataFrame, features: pd.DataFrame | None, predictor: Predictor, cfg: Config,
+             start: Any = None, end: Any = None, *, params: Params | None = None, in_sample: bool = True,
+             arrays: MarketArrays | None = None) -> BacktestResult:
+    """Fast mode over the window ``[start, end)`` (positions, timestamps or None). Bars before ``start`` serve
+    only as feature history. ``in_sample`` is the caller's statement about the window (reports show it)."""
+    arrays = arrays if arrays is not None else prepare_arrays(candles, features, predictor, cfg)
+    s, e = arrays.window(start, end)
+    p = params if params is not None else make_params(cfg)
+    run = run_arrays(arrays, p, s, e, check=False)
+    return run.to_result(arrays, min_trades=cfg.profile.min_trades, in_sample=in_sample)
+
+
+# ----------------------------------------------------------------------------------------------- step mode
+def run_step(candles: pd.DataFrame, predictor: Predictor, cfg: Config, start: Any = None, end: Any = None, *,
+             params: Params | None = None, in_sample: bool = True, trader: Trader | None = None) -> BacktestResult:
+    """The reference: the live Trader, one bar at a time, features from the bounded history window only."""
+    _check_candles(candles)
+    idx = candles.index
+    s, e = resolve_window(idx, start, end)
+    check_window_gaps(idx, _gap_positions(idx, cfg.data.max_gap_minutes), s, e, cfg.data.max_gap_minutes)
+    from backtest.live import HISTORY_BARS
+
+    tr = trader if trader is not None else Trader(cfg, predictor, params=params)
+    p = tr.params
+    equity = np.empty(e - s)
+    records = []
+    trip_bar: list[int] = []
+    trip_code: list[int] = []
+    for t in range(s, e):
+        rep = tr.step(candles.iloc[max(0, t - HISTORY_BARS + 1):t + 1], bar=t, is_last=t == e - 1)
+        equity[t - s] = rep.equity
+        if rep.closed is not None:
+            records.append(rep.closed)
+            for c in rep.trips:
+                trip_bar.append(t)
+                trip_code.append(c)
+    get = lambda name, dt: np.asarray([getattr(r, name) for r in records], dtype=dt)  # noqa: E731
+    inv = {v: k for k, v in EXIT_REASONS.items()}
+    trades = {
+        "entry": get("entry_bar", np.int64), "exit": get("exit_bar", np.int64), "side": get("side", np.int64),
+        "size": get("size", np.float64), "entry_px": get("entry_price", np.float64),
+        "exit_px": get("exit_price", np.float64), "stop": get("stop", np.float64),
+        "target": get("target", np.float64), "pnl": get("pnl", np.float64), "r": get("r_multiple", np.float64),
+        "reason": np.asarray([inv[r.exit_reason] for r in records], dtype=np.int64),
+        "mult": get("risk_mult", np.float64),
+    }
+    run = FastRun(start=s, end=e, params=p, trades=trades, equity=equity,
+                  trip_bar=np.asarray(trip_bar, dtype=np.int64), trip_code=np.asarray(trip_code, dtype=np.int64),
+                  skipped_size=tr.state.skipped_size)
+    hour, day = decision_clock(idx.as_unit("ns").asi8)
+    shim = _IndexShim(index=idx, day=day, predictor=predictor_name(predictor))
+    return run.to_result(shim, min_trades=cfg.profile.min_trades, in_sample=in_sample, mode="step")  # type: ignore
+
+
+@dataclass
+class _IndexShim:
+    """The two fields of MarketArrays that :meth:`FastRun.to_result` reads, for step-mode results."""
+
+    index: pd.DatetimeIndex
+    day: np.ndarray
+    predictor: str

@@ -1,0 +1,168 @@
+"""Run metrics, the one score, and the commit gate of the weekly pipeline.
+
+Metrics (all scale-free except ``net_profit``; computed from the marked equity at each bar's close and the trades):
+
+* ``net_profit`` (account currency), ``return_pct`` = final / initial equity - 1, in %.
+* ``max_drawdown_pct``: the largest fall of the marked equity below its running peak (the initial equity counts as
+  the first peak), in %.
+* ``sharpe`` / ``sortino``: of DAILY returns (UTC days of the decision clock, the equity at each day's last bar; the
+  first day's return is measured from the initial equity), annualised by ``sqrt(365)`` because BTC trades 24/7.
+  Sortino's downside deviation is ``sqrt(mean(min(r, 0)^2))`` over all days. 0 when undefined (fewer than 2 days or
+  no variation).
+* ``profit_factor`` = gross profit / gross loss (``inf`` with profits and no losses, 0 without trades);
+  ``win_rate`` = share of trades with pnl > 0; ``trades``; ``avg_r`` = mean R multiple (pnl / planned risk incl.
+  commissions); ``exposure_pct`` = bars touched by a position (entry bar through exit bar) / window bars;
+  ``longest_losing_streak``; ``breaker_trips``.
+
+Score (one formula; the gate and the sweep rank runs by it)::
+
+    score = return_pct / max(max_drawdown_pct, 1.0) * trade_factor      if return_pct > 0
+    score = return_pct / max(max_drawdown_pct, 1.0)                      otherwise
+    trade_factor = min(1, trades / min_trades)
+
+i.e. a Calmar-like "return per unit of worst drawdown". It rewards risk-adjusted return, penalises drawdown directly,
+shrinks the reward of runs with fewer than ``min_trades`` trades (too little evidence), and never makes a losing run
+look better (the factor only shrinks positive scores). Both terms are percentages, so the score does not depend on the
+account size (doubling the initial equity gives the same score, up to lot rounding). It is positive exactly when the
+run made money (and 0 for a run without trades). The 1 % drawdown floor keeps near-zero-drawdown runs from exploding.
+
+Gate (:func:`gate`): with ``improvement = 0.02``: a positive baseline must be beaten by 2 % (``new >= baseline *
+1.02``); a non-positive baseline must be improved by 2 % of its magnitude (``new >= baseline + 0.02 * |baseline|``);
+no baseline (first run) passes on the floors alone; the profile's floors (``min_trades``, ``max_drawdown_pct``)
+apply in all cases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ml.config import RiskProfile
+
+DD_FLOOR_PCT = 1.0
+ANNUALISATION = math.sqrt(365.0)
+
+
+def score(m: Mapping[str, Any], min_trades: int) -> float:
+    """The documented score (module docstring) from a metrics mapping."""
+    ret = float(m["return_pct"])
+    dd = max(float(m["max_drawdown_pct"]), DD_FLOOR_PCT)
+    s = ret / dd
+    if ret > 0:
+        s *= min(1.0, float(m["trades"]) / max(int(min_trades), 1))
+    return float(s)
+
+
+def _daily_returns(equity: np.ndarray, day: np.ndarray, initial: float) -> np.ndarray:
+    if equity.size == 0:
+        return np.zeros(0)
+    last = np.flatnonzero(np.diff(day) != 0)  # last bar of each day but the final one
+    ends = np.concatenate([equity[last], equity[-1:]])
+    prev = np.concatenate([[initial], ends[:-1]])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = ends / prev - 1.0
+    return r[np.isfinite(r)]
+
+
+def compute_metrics(equity: np.ndarray, day: np.ndarray, pnl: np.ndarray, r_mult: np.ndarray,
+                    entry_bar: np.ndarray, exit_bar: np.ndarray, initial_equity: float, n_trips: int,
+                    min_trades: int) -> dict[str, Any]:
+    """All metrics plus ``score`` (see the module docstring). Plain floats/ints, ready for JSON."""
+    n = int(equity.size)
+    final = float(equity[-1]) if n else float(initial_equity)
+    peak = np.maximum.accumulate(np.concatenate([[initial_equity], equity]))
+    dd = float(np.max((peak - np.concatenate([[initial_equity], equity])) / peak)) * 100.0 if n else 0.0
+    daily = _daily_returns(equity, day, initial_equity)
+    sharpe = sortino = 0.0
+    if daily.size >= 2:
+        mu = float(daily.mean())
+        sd = float(daily.std(ddof=1))
+        if sd > 0:
+            sharpe = mu / sd * ANNUALISATION
+        down = float(np.sqrt(np.mean(np.minimum(daily, 0.0) ** 2)))
+        if down > 0:
+            sortino = mu / down * ANNUALISATION
+    wins = pnl[pnl > 0]
+    losses = pnl[pnl < 0]
+    gp, gl = float(wins.sum()), float(-losses.sum())
+    pf = gp / gl if gl > 0 else (math.inf if gp > 0 else 0.0)
+    longest = cur = 0
+    for v in pnl:
+        cur = cur + 1 if v < 0 else 0
+        longest = max(longest, cur)
+    exposure = float(np.sum(exit_bar - entry_bar + 1)) / n * 100.0 if n else 0.0
+    m: dict[str, Any] = {
+        "net_profit": final - float(initial_equity),
+        "return_pct": (final / float(initial_equity) - 1.0) * 100.0,
+        "max_drawdown_pct": dd,
+        "sharpe": sharpe,
+        "sortino": sortino,
+        "profit_factor": pf,
+        "win_rate": float(wins.size / pnl.size) if pnl.size else 0.0,
+        "trades": int(pnl.size),
+        "avg_r": float(r_mult.mean()) if r_mult.size else 0.0,
+        "exposure_pct": exposure,
+        "longest_losing_streak": int(longest),
+        "breaker_trips": int(n_trips),
+        "bars": n,
+        "min_trades": int(min_trades),
+    }
+    m["score"] = score(m, min_trades)
+    return m
+
+
+def json_safe(m: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics with non-finite floats replaced by None (strict JSON has no Infinity)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()}
+
+
+# ------------------------------------------------------------------------------------------------------- gate
+@dataclass(frozen=True)
+class Floors:
+    """Absolute floors of the gate, from the active risk profile."""
+
+    min_trades: int
+    max_drawdown_pct: float
+
+    @classmethod
+    def from_profile(cls, profile: RiskProfile) -> Floors:
+        return cls(min_trades=int(profile.min_trades), max_drawdown_pct=float(profile.max_drawdown_pct))
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    passed: bool
+    reason: str
+    threshold: float | None  # the score the new run had to reach (None: first run, floors only)
+
+
+def _score_of(x: float | Mapping[str, Any]) -> float:
+    return float(x["score"]) if isinstance(x, Mapping) else float(x)
+
+
+def gate(new: Mapping[str, Any], baseline: float | Mapping[str, Any] | None, floors: Floors,
+         improvement: float = 0.02) -> GateDecision:
+    """Decide whether the new run may replace the baseline (rules in the module docstring).
+
+    ``new`` is the new run's metrics (needs ``score``, ``trades``, ``max_drawdown_pct``); ``baseline`` the deployed
+    run's score (or its metrics), or None on the first run. Floors are checked first so the reason names them."""
+    s_new = _score_of(new)
+    trades = int(new["trades"])
+    dd = float(new["max_drawdown_pct"])
+    if trades < floors.min_trades:
+        return GateDecision(False, f"floor: {trades} trades < min_trades {floors.min_trades}", None)
+    if dd > floors.max_drawdown_pct:
+        return GateDecision(False, f"floor: max drawdown {dd:.2f}% > {floors.max_drawdown_pct:.2f}%", None)
+    if not math.isfinite(s_new):
+        return GateDecision(False, "new score is not finite", None)
+    if baseline is None:
+        return GateDecision(True, f"first run: floors met (score {s_new:.4f})", None)
+    b = _score_of(baseline)
+    thr = b * (1.0 + improvement) if b > 0 else b + improvement * abs(b)
+    if s_new >= thr:
+        return GateDecision(True, f"score {s_new:.4f} >= threshold {thr:.4f} (baseline {b:.4f})", thr)
+    return GateDecision(False, f"score {s_new:.4f} < threshold {thr:.4f} (baseline {b:.4f})", thr)
