@@ -198,6 +198,16 @@ def _set_aside(paths: Paths, path: Path, tag: str) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------- hashing
+def sha256_file(path: Path) -> str:
+    """sha256 of one file (public: the pipeline records the hashes a switch is expected to produce)."""
+    return _sha256_file(path)
+
+
+def hash_models_dir(directory: Path) -> dict[str, str]:
+    """``models/<rel>`` -> sha256 for a staged or deployed models folder, keyed as in :func:`hash_state`."""
+    return _hash_dir(directory)
+
+
 def hash_state(paths: Paths) -> dict[str, str]:
     """sha256 of the deployed state: ``models/<rel>`` for every file under models/ plus ``config.json``.
 

@@ -308,9 +308,8 @@ def _publish_study(ctx: RunContext, kind: str, res: Any, s: dict[str, Any]) -> N
 
 def phase_position_study(ctx: RunContext, s: dict[str, Any]) -> None:
     """Optuna study of the position model, on positions entered by out-of-fold signal predictions."""
-    from ml.tune.position import run_position_study
-
     from ml.tune.hyperparams import oof_signal_proba
+    from ml.tune.position import run_position_study
 
     cfg = ctx.run_cfg
     ds = ctx.dataset()
@@ -365,9 +364,8 @@ def phase_sltp_models(ctx: RunContext, s: dict[str, Any]) -> None:
 
 def phase_risk_model(ctx: RunContext, s: dict[str, Any]) -> None:
     """Retrain the risk-multiplier model on account-state labels from a full backtest; needs SL/TP."""
-    from ml.models.risk import train_risk
-
     from backtest.policy import ACCOUNT_STATE_FEATURES
+    from ml.models.risk import train_risk
 
     ds, cfg = ctx.dataset(), ctx.run_cfg
     model, metrics = train_risk(ds, cfg, ctx.staging)
@@ -458,6 +456,10 @@ def phase_commit(ctx: RunContext, s: dict[str, Any]) -> None:
     action, reason = ("commit", dec.reason) if dec.passed else ("rollback", dec.reason)
     if ctx.options.dry_run:
         action, reason = f"dry-run ({action} skipped)", f"dry run: would {action}: {dec.reason}"
+    elif dec.passed and _already_deployed(ctx):
+        s["deployed"] = deploy.hash_state(paths)
+        s["hub"] = "already pushed and deployed (resumed after the switch)"
+        ctx.report.set("models", s["deployed"])
     elif dec.passed:
         try:
             push_dir = _push_folder(ctx)
@@ -489,6 +491,19 @@ def phase_commit(ctx: RunContext, s: dict[str, Any]) -> None:
     s["action"] = action
     _notify(ctx)
     ctx.report.data.setdefault("notes", [])
+
+
+def _already_deployed(ctx: RunContext) -> bool:
+    """True when a resumed phase 13 finds its own new set already switched in (killed after the switch).
+
+    The expected hashes (staged models + candidate config) are recorded once, before the first push/switch."""
+    intent = ctx.run_dir / "deploy_intent.json"
+    if not intent.exists():
+        expected = deploy.hash_models_dir(ctx.staging)
+        expected["config.json"] = deploy.sha256_file(ctx.run_dir / "config.candidate.json")
+        ctx.write_json("deploy_intent.json", {"hashes": dict(sorted(expected.items()))})
+        return False
+    return deploy.verify(ctx.paths, json.loads(intent.read_text())["hashes"])
 
 
 def _push_folder(ctx: RunContext) -> Path:

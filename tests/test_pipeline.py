@@ -1,0 +1,185 @@
+"""End-to-end: the weekly job as a real process on a small DEMO workload.
+
+* a first run (no deployed models: floors only) commits: models/ + config.json switched, Hub (local registry) tag,
+  report and notification files written;
+* a run whose gate fails rolls back: models/ + config.json byte-identical to before;
+* a second start while a run holds the lock exits 3 at once;
+* the kill test: SIGKILL after every phase boundary and at points inside the commit, each time followed by
+  ``--resume``; after every restart models/ + config.json are byte-identical to the old or the new set, and the run
+  completes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ml.config import config_to_json, default_config, parse_config
+from ml.paths import Paths
+from ops import deploy
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "weekly_optimize.py"
+
+
+def small_config(min_trades: int = 1, max_dd: float = 100.0) -> str:
+    """A config for a ~3-month demo workload with 2+2 trials: the whole job in well under a minute."""
+    raw = default_config().model_dump(mode="json")
+    raw["data"]["demo_bars"] = 14_000
+    raw["data"]["history_days"] = 400
+    raw["splits"]["oos_weeks"] = 3
+    raw["tuning"]["signal_trials"] = 2
+    raw["tuning"]["position_trials"] = 2
+    for prof in raw["profiles"].values():
+        prof["min_trades"] = min_trades
+        prof["max_drawdown_pct"] = max_dd
+    return config_to_json(parse_config(raw))
+
+
+def run_job(root: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 600
+            ) -> subprocess.CompletedProcess[str]:
+    e = {**os.environ, "PYTHONHASHSEED": "0", **(env or {})}
+    for k in ("HF_TOKEN", "TELEGRAM_TOKEN", "TELEGRAM_CHAT_ID", "MT5_LOGIN", "WEEKLY_CRASH_AT",
+              deploy.CRASH_ENV):
+        if k not in (env or {}):
+            e.pop(k, None)
+    return subprocess.run([sys.executable, str(SCRIPT), "--root", str(root), "--demo", *args], env=e,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def state(root: Path) -> dict[str, str]:
+    return deploy.hash_state(Paths.of(root))
+
+
+@pytest.fixture(scope="module")
+def committed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root after one complete first run that committed."""
+    root = tmp_path_factory.mktemp("weekly") / "root"
+    root.mkdir()
+    (root / "config.json").write_text(small_config())
+    r = run_job(root)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return root
+
+
+def _copy(root: Path, dst: Path) -> Path:
+    shutil.copytree(root, dst, symlinks=True, ignore=shutil.ignore_patterns(".weekly_optimize.lock"))
+    return dst
+
+
+def _last_report(root: Path) -> dict:
+    runs = sorted((root / "results").glob("*/report.json"))
+    return json.loads(runs[-1].read_text())
+
+
+def test_first_run_commits_everything(committed_root: Path) -> None:
+    root = committed_root
+    rep = _last_report(root)
+    assert rep["decision"]["action"] == "commit", rep["decision"]
+    assert rep["demo"] is True
+    assert [p["status"] for p in sorted(rep["phases"], key=lambda p: p["number"])] == ["ok"] * 13
+    manifest = json.loads((root / "models" / "manifest.json").read_text())
+    assert {"signal_rf", "signal_xgb", "signal_lgb", "position", "sl_tp", "risk"} <= set(manifest["models"])
+    run_id = rep["run_id"]
+    # the local registry plays the Hub's role: the run id is a tag holding the same files
+    reg = root / "registry"
+    assert reg.exists()
+    assert run_id in json.loads((reg / "refs.json").read_text()).get("tags", {})
+    # deployed config is the sweep's candidate, and it validates
+    run_dir = root / "results" / run_id
+    assert (root / "config.json").read_text() == (run_dir / "config.candidate.json").read_text()
+    for f in ("report.md", "report.json", "notifications.md", "sweep.csv", "sweep_heatmap.png",
+              "equity_baseline_vs_new.png", "shap/shap_importance.png", "optuna_study.pkl"):
+        assert (run_dir / f).exists(), f
+    md = (run_dir / "report.md").read_text()
+    assert "DEMO" in md and "COMMIT" in md and "first run" in md
+    assert (root / "results" / "optuna_study.pkl").exists()
+
+
+def test_failed_gate_rolls_back_byte_identical(committed_root: Path, tmp_path: Path) -> None:
+    root = _copy(committed_root, tmp_path / "root")
+    (root / "config.json").write_text(small_config(min_trades=100_000))  # impossible floor -> gate fails
+    before = state(root)
+    r = run_job(root)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = _last_report(root)
+    assert rep["decision"]["action"] == "rollback"
+    assert "min_trades" in rep["decision"]["reason"]
+    assert state(root) == before
+    assert "baseline_full" in rep["evaluation"], "the deployed set is scored on the same window"
+    assert "ROLLBACK" in (root / "results" / rep["run_id"] / "notifications.md").read_text().upper()
+
+
+def test_second_start_while_locked_exits_3(committed_root: Path, tmp_path: Path) -> None:
+    root = _copy(committed_root, tmp_path / "root")
+    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
+            "from ml.paths import Paths\nfrom ops.lock import run_lock\n"
+            f"with run_lock(Paths.of({str(root)!r})):\n    print('locked', flush=True)\n    time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        t0 = time.perf_counter()
+        r = run_job(root)
+        assert r.returncode == 3, r.stderr
+        assert time.perf_counter() - t0 < 30
+        assert str(holder.pid) in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+def test_bad_config_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    raw = json.loads(small_config())
+    raw["trading"]["risk_percent"] = 9.0
+    (root / "config.json").write_text(json.dumps(raw))
+    before = (root / "config.json").read_bytes()
+    r = run_job(root)
+    assert r.returncode == 2
+    assert "trading.risk_percent" in r.stderr and "[0.5, 1.5]" in r.stderr
+    assert (root / "config.json").read_bytes() == before
+    assert not (root / "models").exists()
+
+
+def test_sigkill_at_every_boundary_then_resume(tmp_path: Path) -> None:
+    """Kill after each phase and at points inside the commit; after every restart's recovery models/ + config.json
+    are byte-identical to the old or the new set, and the resumed run completes with the new set deployed."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "config.json").write_text(small_config())
+    old = state(root)
+    kills = [("WEEKLY_CRASH_AT", f"after_phase_{k}") for k in range(1, 13)]
+    kills.append(("WEEKLY_CRASH_AT", "after_push"))
+    kills += [(deploy.CRASH_ENV, p) for p in ("after_journal", "after_old_moved", "after_new_moved",
+                                              "after_config", "after_done")]
+    run_id = None
+    for i, (var, point) in enumerate(kills):
+        r = run_job(root, *([] if i == 0 else ["--resume"]), env={var: point})
+        assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+        run_id = run_id or sorted(p.name for p in (root / "results").iterdir() if p.is_dir())[-1]
+        deploy.recover(Paths.of(root))  # what every start does first (idempotent)
+        now = state(root)
+        intent = root / "results" / run_id / "deploy_intent.json"
+        new = json.loads(intent.read_text())["hashes"] if intent.exists() else None
+        assert now in (old, new), point
+    r = run_job(root, "--resume")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = _last_report(root)
+    assert rep["run_id"] == run_id
+    assert rep["decision"]["action"] == "commit"
+    assert [p["status"] for p in sorted(rep["phases"], key=lambda p: p["number"])] == ["ok"] * 13
+    new = json.loads((root / "results" / run_id / "deploy_intent.json").read_text())["hashes"]
+    assert state(root) == new != old
+    assert not (root / ".deploy_journal.json").exists()
+    # a later run starts cleanly
+    r = run_job(root, "--phases", "1-3")
+    assert r.returncode == 0, r.stderr[-2000:]
