@@ -67,6 +67,7 @@ from backtest.policy import (
     make_params,
     position_state_features,
     stop_target_distances,
+    time_exit,
 )
 from backtest.trees import CompiledTrees, compile_booster, empty_trees
 from ml.config import Config, default_config
@@ -99,7 +100,7 @@ _TRAIN_KEYS = ("num_boost_round", "n_estimators", "early_stopping_rounds")
 # auto row/col choice is timing-based), deterministic mode; quiet.
 _FIXED = {"deterministic": True, "force_row_wise": True, "num_threads": 1, "verbosity": -1}
 
-SIGNAL_KEYS = ("rf", "xgb", "lgb")  # the signal ensemble's manifest keys (see ml.models.signal.SIGNAL_MODELS)
+SIGNAL_KEYS = ("signal_rf", "signal_xgb", "signal_lgb")  # the ensemble's manifest keys (ml.models.manifest)
 
 
 # ============================================================================================== LightGBM helpers
@@ -210,8 +211,8 @@ def _simulate_positions(open_: np.ndarray, high: np.ndarray, low: np.ndarray, cl
         if side == FLAT:
             t += 1
             continue
-        sl_d, tp_d = stop_target_distances(np.nan, np.nan, atr[t], False, p)
-        if not (atr[t] > 0.0 and sl_d > 0.0 and tp_d > 0.0 and np.isfinite(sl_d) and np.isfinite(tp_d)):
+        sl_d, tp_d, ok = stop_target_distances(np.nan, np.nan, atr[t], False, p)
+        if not ok:
             t += 1
             continue
         e = t + 1
@@ -231,10 +232,9 @@ def _simulate_positions(open_: np.ndarray, high: np.ndarray, low: np.ndarray, cl
         t_exit_px[n_tr] = xp
         t_reason[n_tr] = xr
         for b in range(e, xb):
-            held = b - e + 1
-            if held >= p.max_holding_bars:
-                break
-            position_state_features(sbuf, side, held, close[b], entry, stop, target, atr[b])
+            if time_exit(b, e, p) != 0:
+                break  # R12: the time exit comes first; the position model is not asked at this close
+            position_state_features(sbuf, side, b - e + 1, close[b], entry, stop, target, atr[b])
             r_bar[n_rows] = b
             r_trade[n_rows] = n_tr
             for k in range(N_POS):
@@ -436,7 +436,9 @@ def signal_probabilities(models_dir: Path, ds: Any, positions: np.ndarray) -> np
     from ml.models import manifest
     from ml.models.signal import ensemble_proba, p_long_short
 
-    models = {k: manifest.load_model(models_dir, k) for k in SIGNAL_KEYS}
+    # verified (sha256 + feature list) before unpickling; keyed "rf"/"xgb"/"lgb" as ensemble_proba expects
+    models = {k.removeprefix("signal_"): manifest.load_model(models_dir, k, list(ds.feature_names))
+              for k in SIGNAL_KEYS}
     positions = np.asarray(positions, dtype=np.int64)
     out = np.full((len(ds.candles), 2), np.nan)
     if positions.size:
@@ -460,7 +462,7 @@ def train_position(ds: Any, cfg: Config | None, models_dir_with_signal: Path | s
     Requires the saved signal ensemble in ``models_dir_with_signal`` (:class:`UserError` otherwise)."""
     cfg = cfg or default_config()
     models_dir = Path(models_dir_with_signal)
-    require_models(models_dir, SIGNAL_KEYS, "the position model")
+    require_models(models_dir, SIGNAL_KEYS, "position model")
     t0 = time.perf_counter()
     sp = ds.splits
     fit_pos, cal_pos = np.asarray(sp.fit, np.int64), np.asarray(sp.calib, np.int64)
@@ -489,3 +491,44 @@ def train_position(ds: Any, cfg: Config | None, models_dir_with_signal: Path | s
                       data_hash=ds.data_hash(np.arange(int(fit_pos[0]), min(len(idx), int(cal_pos[-1]) + 1 +
                                                                           int(sp.embargo)))))
     return model, metrics
+
+
+# ============================================================================================== numba cache
+def _purge_stale_numba_cache() -> None:
+    """Drop this package's cached machine code when the backtest rules it inlines (or these modules) changed.
+
+    Why: numba's ``cache=True`` keys a cached function on its *own* source file only, but the simulations here inline
+    :mod:`backtest.policy`, :mod:`backtest.nb` and :mod:`backtest.trees`. Without this, an edited trading rule would
+    keep running here as old compiled code while the backtester runs the new one, and training would silently drift
+    from the backtest. Same scheme as ``backtest.policy``'s own purge; runs at import, before anything compiles."""
+    import hashlib
+    import os
+
+    here = Path(__file__).resolve().parent
+    backtest_dir = here.parent.parent / "backtest"
+    digest = hashlib.sha256()
+    for f in (*(backtest_dir / n for n in ("trees.py", "policy.py", "nb.py")),
+              *(here / n for n in ("position.py", "sltp.py", "risk.py"))):
+        if f.exists():
+            digest.update(f.read_bytes())
+    h = digest.hexdigest()[:16]
+    try:
+        cache_dir = Path(_simulate_positions._cache._cache_path)
+    except AttributeError:
+        cache_dir = here / "__pycache__"
+    stamp = cache_dir / "models_numba_deps.sha"
+    try:
+        if stamp.exists() and stamp.read_text() == h:
+            return
+        for f in cache_dir.glob("*.nb[ic]"):
+            if f.name.startswith(("position.", "sltp.", "risk.")):
+                f.unlink(missing_ok=True)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = stamp.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(h)
+        os.replace(tmp, stamp)
+    except OSError:
+        pass  # read-only install: numba uses its own user cache dir; nothing to purge here
+
+
+_purge_stale_numba_cache()
