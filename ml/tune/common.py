@@ -210,24 +210,31 @@ FoldFn = Callable[[int, np.ndarray, np.ndarray], tuple[float, dict[str, Any]]]
 
 
 def run_folds(trial: optuna.Trial, folds: Sequence[tuple[np.ndarray, np.ndarray]], fold_fn: FoldFn,
-              oos_start: int) -> float:
+              oos_start: int, to_positions: Callable[[np.ndarray], np.ndarray] | None = None) -> float:
     """Mean of ``fold_fn(k, train_idx, val_idx)`` over the folds, with per-fold reporting and pruning.
 
-    Guards every fold's indices before the objective sees them. The value reported at step ``k`` is the running mean
-    of folds ``0..k``: what the final value would be if the remaining folds scored the same, so the median pruner
-    compares like with like. Per-fold values and extra metrics go to the trial's user attributes for the report.
+    Guards every fold's indices before the objective sees them (``to_positions`` maps fold indices that are not bar
+    positions, e.g. position-model rows, to every bar position they read). The value reported at step ``k`` is the
+    running mean of folds ``0..k``: what the final value would be if the remaining folds scored the same, so the
+    median pruner compares like with like. No pruning after the last fold: the cost is spent and a complete value is
+    worth more.
+    Per-fold values and extra metrics go to the trial's user attributes for the report.
     """
     values: list[float] = []
     for k, (tr, va) in enumerate(folds):
-        tr = guard_indices(tr, oos_start, f"fold {k} train")
-        va = guard_indices(va, oos_start, f"fold {k} validation")
+        if to_positions is None:
+            tr = guard_indices(tr, oos_start, f"fold {k} train")
+            va = guard_indices(va, oos_start, f"fold {k} validation")
+        else:
+            guard_indices(to_positions(np.asarray(tr, dtype=np.int64)), oos_start, f"fold {k} train bars")
+            guard_indices(to_positions(np.asarray(va, dtype=np.int64)), oos_start, f"fold {k} validation bars")
         value, extra = fold_fn(k, tr, va)
         value = float(value) if np.isfinite(value) else 0.0
         values.append(value)
         trial.set_user_attr(f"fold{k}", {"value": round(value, 6), **extra})
         running = float(np.mean(values))
         trial.report(running, step=k)
-        if trial.should_prune():
+        if k < len(folds) - 1 and trial.should_prune():  # after the last fold nothing is left to save
             raise optuna.TrialPruned(f"pruned after fold {k} (running mean {running:.4f})")
     return float(np.mean(values)) if values else 0.0
 
@@ -373,12 +380,15 @@ def save_results(study: optuna.Study, results_dir: Path, kind: str, extra: dict[
 
 
 def load_best_params(results_dir: Path, kind: str) -> dict[str, Any]:
-    """The ``best_params`` of ``results/best_params_<kind>.json``; :class:`UserError` when the study has not run."""
+    """The tuned parameters in ``results/best_params_<kind>.json`` as the model's fit function takes them (key
+    ``model_params``, e.g. nested per signal model; else the flat Optuna ``best_params``). :class:`UserError` when
+    the study has not run."""
     path = Path(results_dir) / f"best_params_{kind}.json"
     if not path.exists():
         raise UserError(f"{path}: no tuned {kind} parameters (run python -m ml.tune."
                         f"{'hyperparams' if kind == 'signal' else 'position'} first)")
-    return dict(json.loads(path.read_text())["best_params"])
+    doc = json.loads(path.read_text())
+    return dict(doc.get("model_params") or doc["best_params"])
 
 
 def finish(study: optuna.Study, durations: list[float], results_dir: Path, kind: str,

@@ -1,0 +1,377 @@
+#!/usr/bin/env python
+"""The signal ensemble study: RF / XGBoost / LightGBM hyperparameters tuned on purged walk-forward folds.
+
+Objective of one trial (maximised)::
+
+    mean over folds k of   F1_macro(y[val_k], argmax ensemble_proba)  x  (1 - max_drawdown_pct_k / 100)
+
+* fold ``k`` = ``Dataset.splits.folds[k]``: training positions (purged, CUSUM events only when
+  ``labels.cusum_atr > 0``) and the next walk-forward block as validation, all inside the training window;
+* the three models are fit with the trial's parameters on the fold's training positions; the boosters stop early on
+  the fold's validation block (``n_estimators`` is only a cap);
+* F1 is the macro F1 of the unweighted ensemble on the fold's validation samples (the same samples the models
+  would be trained on: label-valid bars, CUSUM events when configured);
+* the drawdown comes from the compiled fast backtest (:func:`backtest.engine.run_arrays`) of the ensemble's
+  (p_long, p_short) over *every* bar of the validation block's range, with the active trading parameters of
+  config.json and the fixed ATR stops (no SL/TP, position or risk model exists at this stage);
+* after each fold the running mean is reported; the median pruner stops hopeless trials from the second fold on.
+
+The final OOS window is never read: every index the objective receives passes :func:`ml.tune.common.guard_indices`
+(the ``index_hook`` argument lets the tests record them). Probabilities are the raw (uncalibrated) models':
+calibration needs the later calib slice, which belongs to the final fit, and the trading threshold is the same for
+every trial, so trials are compared on equal terms.
+
+Cost: see :func:`run_signal_study` and the README ("What a trial costs").
+
+    python -m ml.tune.hyperparams --data ../shared/data/BTCUSDT_15m_2023_2024.csv --n-trials 100
+    python ml/tune/hyperparams.py --storage postgresql+psycopg2://u:pw@db:5432/optuna --study-name w47 --worker 1
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from collections import OrderedDict  # noqa: E402
+from collections.abc import Callable, Mapping  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import optuna  # noqa: E402
+
+from ml.config import Config  # noqa: E402
+from ml.dataset import Dataset  # noqa: E402
+from ml.errors import cli_main  # noqa: E402
+from ml.tune import common  # noqa: E402
+from ml.tune.common import StudyResult, guard_indices  # noqa: E402
+
+log = logging.getLogger("ml.tune")
+
+KIND = "signal"
+SPACE_VERSION = "signal-v1"  # bump when the search space or the objective changes: a new study name follows
+EARLY_STOPPING_ROUNDS = 30
+BOOSTER_CAP = 400  # n_estimators cap of the boosters; early stopping ends them well before (tens of rounds measured)
+
+IndexHook = Callable[[str, np.ndarray], None]
+
+
+# --------------------------------------------------------------------------------------------------- search space
+def suggest_signal_params(trial: optuna.Trial) -> dict[str, dict[str, Any]]:
+    """Sample the three models' constructor parameters (nested as :func:`ml.models.signal.fit_signal_models` takes).
+
+    Why these ranges (cheap and sensible on ~40 noisy features and 10-50k samples):
+
+    * RF: 50-200 shallow-ish trees (depth 4-12) with large leaves, each on a 10-40 % bootstrap sample and 10-40 % of
+      the features: decorrelated trees at a fraction of the cost of full bootstraps (fit time is linear in
+      ``n_estimators * max_samples * max_features``; the worst corner costs ~4x the default, the typical one ~1.5x).
+    * Boosters: learning rate 0.02-0.3 (log) with early stopping, so ``n_estimators`` is a cap and the rate decides
+      the cost; small trees (XGB depth 2-7, LGB 7-63 leaves) because deep trees only memorise noise here; row and
+      column subsampling and L1/L2 terms as the usual regularisers; ``max_bin`` fixed at ~128 (histograms).
+    """
+    rf = {
+        "n_estimators": trial.suggest_int("rf_n_estimators", 50, 200, step=25),
+        "max_depth": trial.suggest_int("rf_max_depth", 4, 12),
+        "min_samples_leaf": trial.suggest_int("rf_min_samples_leaf", 20, 400, log=True),
+        "max_features": trial.suggest_float("rf_max_features", 0.1, 0.4),
+        "max_samples": trial.suggest_float("rf_max_samples", 0.1, 0.4),
+        "bootstrap": True,
+    }
+    xgb = {
+        "n_estimators": BOOSTER_CAP,
+        "learning_rate": trial.suggest_float("xgb_learning_rate", 0.02, 0.3, log=True),
+        "max_depth": trial.suggest_int("xgb_max_depth", 2, 7),
+        "min_child_weight": trial.suggest_float("xgb_min_child_weight", 1.0, 100.0, log=True),
+        "subsample": trial.suggest_float("xgb_subsample", 0.5, 1.0),
+        "colsample_bytree": trial.suggest_float("xgb_colsample_bytree", 0.4, 1.0),
+        "reg_lambda": trial.suggest_float("xgb_reg_lambda", 1e-3, 10.0, log=True),
+        "reg_alpha": trial.suggest_float("xgb_reg_alpha", 1e-3, 10.0, log=True),
+        "max_bin": 128,
+        "early_stopping_rounds": EARLY_STOPPING_ROUNDS,
+    }
+    lgb = {
+        "n_estimators": BOOSTER_CAP,
+        "learning_rate": trial.suggest_float("lgb_learning_rate", 0.02, 0.3, log=True),
+        "num_leaves": trial.suggest_int("lgb_num_leaves", 7, 63, log=True),
+        "min_child_samples": trial.suggest_int("lgb_min_child_samples", 10, 400, log=True),
+        "subsample": trial.suggest_float("lgb_subsample", 0.5, 1.0),
+        "subsample_freq": 1,
+        "colsample_bytree": trial.suggest_float("lgb_colsample_bytree", 0.4, 1.0),
+        "reg_lambda": trial.suggest_float("lgb_reg_lambda", 1e-3, 10.0, log=True),
+        "reg_alpha": trial.suggest_float("lgb_reg_alpha", 1e-3, 10.0, log=True),
+        "max_bin": 127,
+        "early_stopping_rounds": EARLY_STOPPING_ROUNDS,
+    }
+    return {"rf": rf, "xgb": xgb, "lgb": lgb}
+
+
+def model_params_from_flat(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Nested model parameters from a trial's flat Optuna parameters (e.g. ``study.best_params``)."""
+    return suggest_signal_params(optuna.trial.FixedTrial(dict(flat)))
+
+
+# --------------------------------------------------------------------------------------------------- fold pieces
+class _NoSignal:
+    """A predictor that never signals: only used to build the state-independent backtest arrays once per study; the
+    fold's probabilities are swapped in per fold (see :class:`FoldBacktester`)."""
+
+    name = "tuning placeholder (no signal)"
+
+    def __init__(self, feature_names: list[str]) -> None:
+        self._names = list(feature_names)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self._names
+
+    def signal_proba(self, X: np.ndarray) -> np.ndarray:
+        return np.zeros((X.shape[0], 2), dtype=np.float64)
+
+    def sltp(self, X: np.ndarray) -> None:
+        return None
+
+    @property
+    def exit_model(self) -> None:
+        return None
+
+    @property
+    def risk_model(self) -> None:
+        return None
+
+
+class FoldBacktester:
+    """The fast backtest of one fold's probabilities over a bar range, with the active trading params.
+
+    The candle/ATR/clock arrays are prepared once per study; each call gets a shallow copy with its own probability
+    arrays and output buffers, so parallel trials (threads) never share mutable state. Windows are split at data
+    gaps longer than ``data.max_gap_minutes`` (the engine refuses to run across one); the drawdown is the worst of
+    the pieces.
+    """
+
+    def __init__(self, ds: Dataset, cfg: Config) -> None:
+        from backtest.engine import prepare_arrays
+        from backtest.policy import make_params
+
+        self.oos_start = int(ds.splits.oos_start)
+        self.cfg = cfg
+        self.params = make_params(cfg)
+        self.base = prepare_arrays(ds.candles, ds.features, _NoSignal(ds.feature_names), cfg)
+
+    def run(self, start: int, end: int, pls: np.ndarray) -> dict[str, float]:
+        """Backtest bars ``[start, end)`` with ``pls[i - start] = (p_long, p_short)``; returns dd % and trades."""
+        from backtest.engine import run_arrays
+
+        guard_indices([start, end - 1], self.oos_start, "backtest window")
+        n = self.base.n
+        p_long = np.zeros(n)
+        p_short = np.zeros(n)
+        p_long[start:end] = pls[:, 0]
+        p_short[start:end] = pls[:, 1]
+        arrays = dataclasses.replace(self.base, p_long=p_long, p_short=p_short, _paths=OrderedDict(), _ws={})
+        gaps = self.base.gaps[(self.base.gaps > start) & (self.base.gaps < end)]
+        cuts = [start, *[int(g) for g in gaps], end]
+        dd, trades, ret = 0.0, 0, 0.0
+        for s, e in zip(cuts[:-1], cuts[1:], strict=True):
+            if e - s < 2:
+                continue
+            m = run_arrays(arrays, self.params, s, e, memo_paths=False, check=False).metrics(
+                arrays, self.cfg.profile.min_trades)
+            dd = max(dd, float(m["max_drawdown_pct"]))
+            trades += int(m["trades"])
+            ret += float(m["return_pct"])
+        return {"max_drawdown_pct": dd, "trades": trades, "return_pct": ret}
+
+
+def _train_rows(ds: Dataset, tr: np.ndarray) -> np.ndarray:
+    """Training positions ∩ CUSUM events (the splits already hold events only; intersecting again is free and keeps
+    a hand-made Dataset honest)."""
+    ev = np.asarray(ds.events, dtype=bool)
+    return tr[ev[tr]] if ev.size == ds.splits.n_bars else tr
+
+
+def bar_range(va: np.ndarray) -> tuple[int, int]:
+    """The contiguous bar range ``[first, last + 1)`` a validation block covers (what the backtest trades on)."""
+    return int(va[0]), int(va[-1]) + 1
+
+
+# --------------------------------------------------------------------------------------------------- objective
+def make_objective(ds: Dataset, cfg: Config, n_threads: int = 1, index_hook: IndexHook | None = None,
+                   backtester: FoldBacktester | None = None) -> Callable[[optuna.Trial], float]:
+    """The trial function (see the module docstring). ``index_hook(what, positions)`` sees every index array the
+    objective reads, after the guard (tests record them)."""
+    from ml.models.signal import ensemble_proba, fit_signal_models, p_long_short, rounds_used, signal_metrics
+
+    X, y = ds.X, ds.y
+    seed = int(cfg.tuning.seed)
+    oos_start = int(ds.splits.oos_start)
+    bt = backtester or FoldBacktester(ds, cfg)
+    hook = index_hook or (lambda what, idx: None)
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest_signal_params(trial)
+        trial.set_user_attr("pid", os.getpid())
+
+        def fold(k: int, tr: np.ndarray, va: np.ndarray) -> tuple[float, dict[str, Any]]:
+            t0 = time.perf_counter()
+            tr = guard_indices(_train_rows(ds, tr), oos_start, f"fold {k} train")
+            s, e = bar_range(va)
+            bars = guard_indices(np.arange(s, e), oos_start, f"fold {k} backtest bars")
+            hook("train", tr)
+            hook("val", va)
+            hook("bars", bars)
+            models = fit_signal_models(X[tr], y[tr], params, seed, n_jobs=n_threads, eval_set=(X[va], y[va]))
+            proba = ensemble_proba(models, X[s:e])
+            f1 = signal_metrics(y[va], proba[va - s])["f1_macro"]
+            res = bt.run(s, e, p_long_short(proba))
+            value = f1 * max(0.0, 1.0 - res["max_drawdown_pct"] / 100.0)
+            rounds = {name: rounds_used(m) for name, m in models.items() if name != "rf"}
+            return value, {"f1": round(f1, 5), "max_dd_pct": round(res["max_drawdown_pct"], 3),
+                           "trades": res["trades"], "return_pct": round(res["return_pct"], 3), "rounds": rounds,
+                           "n_train": int(tr.size), "n_val": int(va.size), "s": round(time.perf_counter() - t0, 2)}
+
+        return common.run_folds(trial, ds.splits.folds, fold, oos_start)
+
+    return objective
+
+
+# --------------------------------------------------------------------------------------------------- study
+def run_signal_study(ds: Dataset, cfg: Config, results_dir: Path, n_trials: int | None = None,
+                     timeout: float | None = None, storage: str | None = None, study_name: str | None = None,
+                     n_jobs: int | None = None, *, top_up: bool = False, worker: int = 0,
+                     index_hook: IndexHook | None = None) -> StudyResult:
+    """Run (or continue) the signal study and write its artefacts under ``results_dir``.
+
+    ``n_trials`` defaults to ``cfg.tuning.signal_trials``, ``timeout`` to ``cfg.tuning.timeout_s``, ``n_jobs``
+    (parallel trials in this process) to ``cfg.tuning.n_jobs``; each trial's libraries get
+    ``cores // n_jobs`` threads. ``storage`` defaults to ``sqlite:///<results_dir>/optuna.db`` and ``study_name`` to
+    one derived from the data (:func:`ml.tune.common.default_study_name`). Resuming: see :mod:`ml.tune.common`
+    (``top_up=False`` adds ``n_trials`` trials; ``top_up=True`` runs only the missing ones).
+    """
+    results_dir = Path(results_dir)
+    n_trials = int(n_trials if n_trials is not None else cfg.tuning.signal_trials)
+    timeout = timeout if timeout is not None else cfg.tuning.timeout_s
+    n_jobs = int(n_jobs or cfg.tuning.n_jobs)
+    url = common.resolve_storage(storage, results_dir)
+    name = study_name or common.default_study_name(KIND, ds, cfg, SPACE_VERSION)
+    fp = common.fingerprint(ds, cfg, SPACE_VERSION)
+    study = common.create_or_load_study(name, url, cfg.tuning.seed, worker=worker, user_attrs={
+        "kind": KIND, "fingerprint": fp, "space_version": SPACE_VERSION, "objective": "mean_k F1_macro x (1 - maxDD)",
+        "n_folds": len(ds.splits.folds), "oos_start": int(ds.splits.oos_start)})
+    threads = common.threads_per_trial(n_jobs)
+    objective = make_objective(ds, cfg, n_threads=threads, index_hook=index_hook)
+    durations = common.optimize(study, objective, KIND, n_trials, timeout=timeout, n_jobs=n_jobs, top_up=top_up)
+    result = common.finish(study, durations, results_dir, KIND, extra={
+        "model_params": model_params_from_flat(study.best_params), "seed": cfg.tuning.seed,
+        "threads_per_trial": threads, "n_jobs": n_jobs,
+        "per_trial_seconds_this_run": [round(d, 3) for d in durations]})
+    return result
+
+
+# --------------------------------------------------------------------------------------------------- OOF
+@dataclass
+class OOFSignal:
+    """Walk-forward out-of-fold signal probabilities.
+
+    ``proba`` is ``(n_bars, 3)`` and ``p_long_short`` ``(n_bars, 2)``, NaN outside ``positions`` (the bars of the
+    folds' validation ranges, all before the OOS window); ``fold`` gives each covered bar's fold number (-1 elsewhere).
+    """
+
+    positions: np.ndarray
+    proba: np.ndarray
+    p_long_short: np.ndarray
+    fold: np.ndarray
+    rounds: list[dict[str, int | None]]
+
+
+def _purged_tail(tr: np.ndarray, t1: np.ndarray, embargo: int, frac: float) -> tuple[np.ndarray, np.ndarray]:
+    """Split training positions into (fit, early-stopping tail): the chronologically last ``frac``, with the fit
+    part purged (labels end before the tail starts, ``embargo`` bars away)."""
+    cut = int(tr[int(tr.size * (1 - frac))])
+    tail = tr[tr >= cut]
+    head = tr[tr < cut]
+    head = head[(t1[head] < cut) & (head + embargo < cut)]
+    return head, tail
+
+
+def oof_signal_proba(ds: Dataset, cfg: Config, params: Mapping[str, Mapping[str, Any]] | None = None,
+                     n_jobs: int | None = None, es_fraction: float = 0.15, calibrate: bool = True) -> OOFSignal:
+    """Out-of-fold ensemble probabilities on every bar of each fold's validation range (never the OOS window).
+
+    Fold ``k``'s models train on that fold's training positions and predict the bars of its validation range, so
+    every probability is out of sample, as the live signal would be. Unlike the study's objective, the boosters
+    early-stop on the purged last ``es_fraction`` of the fold's *training* positions, not on the block they predict:
+    these probabilities become the position model's training inputs, and choosing anything on them would leak.
+    With ``calibrate`` (default) each fold's models are calibrated on that same later, purged tail
+    (:func:`ml.models.signal.calibrate_models`), because the live signal is calibrated and the position rows are
+    entered where a *calibrated* probability passes ``confidence_threshold``; raw forest/booster scores rarely do.
+    ``params`` default to the models' defaults, merged under the given ones (nested as ``fit_signal_models`` takes
+    them, e.g. ``results/best_params_signal.json`` key ``model_params``).
+    """
+    from ml.models.signal import (
+        SIGNAL_MODELS,
+        calibrate_models,
+        default_params,
+        ensemble_proba,
+        fit_signal_models,
+        rounds_used,
+    )
+    from ml.models.signal import p_long_short as to_ls
+
+    base = default_params()
+    use = {name: {**base[name], **dict((params or {}).get(name, {}) or {})} for name in SIGNAL_MODELS}
+    n_jobs = n_jobs or common.threads_per_trial(1)
+    X, y = ds.X, ds.y
+    t1 = ds.labels["t1"].to_numpy(np.int64)
+    oos_start = int(ds.splits.oos_start)
+    n = ds.splits.n_bars
+    proba = np.full((n, 3), np.nan)
+    fold_of = np.full(n, -1, dtype=np.int64)
+    rounds: list[dict[str, int | None]] = []
+    for k, (tr, va) in enumerate(ds.splits.folds):
+        tr = guard_indices(_train_rows(ds, tr), oos_start, f"fold {k} train")
+        guard_indices(va, oos_start, f"fold {k} validation")
+        s, e = bar_range(va)
+        guard_indices([s, e - 1], oos_start, f"fold {k} prediction bars")
+        head, tail = _purged_tail(tr, t1, ds.splits.embargo, es_fraction)
+        usable = head.size >= 100 and tail.size >= 30 and np.unique(y[tail]).size == 3
+        if not usable:
+            head, tail = tr, np.empty(0, dtype=np.int64)
+        eval_set = (X[tail], y[tail]) if tail.size else None
+        models = fit_signal_models(X[head], y[head], use, int(cfg.tuning.seed), n_jobs=n_jobs, eval_set=eval_set)
+        rounds.append({name: rounds_used(m) for name, m in models.items() if name != "rf"})
+        if calibrate and tail.size:
+            models = calibrate_models(models, X[tail], y[tail])
+        proba[s:e] = ensemble_proba(models, X[s:e])
+        fold_of[s:e] = k
+    covered = np.flatnonzero(fold_of >= 0)
+    pls = np.full((n, 2), np.nan)
+    pls[covered] = to_ls(proba[covered])
+    return OOFSignal(positions=covered, proba=proba, p_long_short=pls, fold=fold_of, rounds=rounds)
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Tune the signal ensemble's hyperparameters (Optuna, walk-forward folds)")
+    common.add_cli_args(ap, "trials to run (default config tuning.signal_trials)")
+    args = ap.parse_args(argv)
+    common.setup_logging(args.quiet)
+    cfg, ds, results = common.load_cli_inputs(args)
+    res = run_signal_study(ds, cfg, results, n_trials=args.n_trials, timeout=args.timeout, storage=args.storage,
+                           study_name=args.study_name, n_jobs=args.n_jobs, top_up=args.top_up, worker=args.worker)
+    per = res.per_trial_seconds
+    print(f"study={res.study.study_name} best_value={res.best_value:.6f} trials={res.n_trials} "
+          f"ran={len(per)} mean_trial_s={(sum(per) / len(per)) if per else 0.0:.2f} "
+          f"best_params={res.files['best_params']}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli_main(main)
