@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Phase 11 on its own: sweep the active risk profile's grid on the first 70% of the OOS window.
+
+Uses the deployed models (or ``--models DIR``) and the current candles; writes the full table (CSV) and a heatmap
+to ``--out`` (default ``results/sweep-<UTC time>/``) and prints the top rows and the chosen parameters. The holdout
+(last 30% of the OOS window) is never touched. ``--apply`` writes the chosen values into config.json (validated,
+atomically, under the run lock); without it nothing outside ``--out`` changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backtest.engine import prepare_arrays  # noqa: E402
+from backtest.sweep import run_sweep, save_sweep, top_rows  # noqa: E402
+from ml.config import config_to_json, load_config, parse_config  # noqa: E402
+from ml.data import load_candles  # noqa: E402
+from ml.dataset import build_dataset  # noqa: E402
+from ml.errors import UserError, cli_main  # noqa: E402
+from ml.models.bundle import load_bundle  # noqa: E402
+from ml.paths import Paths  # noqa: E402
+from ops.lock import run_lock  # noqa: E402
+
+
+def _write_config_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root")
+    ap.add_argument("--data", help="candle file instead of the store")
+    ap.add_argument("--demo", action="store_true")
+    ap.add_argument("--models", help="model folder (default: <root>/models)")
+    ap.add_argument("--out", help="output folder (default: <root>/results/sweep-<time>)")
+    ap.add_argument("--n-jobs", type=int, default=2)
+    ap.add_argument("--apply", action="store_true", help="write the chosen parameters into config.json")
+    args = ap.parse_args()
+
+    paths = Paths.of(args.root)
+    cfg = load_config(paths.config)
+    models = Path(args.models) if args.models else paths.models
+    if not (models / "manifest.json").exists():
+        raise UserError(f"{models}: no trained models (manifest.json missing); run scripts/weekly_optimize.py or "
+                        f"the retrain scripts first")
+    t0 = time.perf_counter()
+    candles = load_candles(cfg, paths, args.data, args.demo)
+    ds = build_dataset(candles, cfg)
+    bundle = load_bundle(models, ds.feature_names)
+    arrays = prepare_arrays(ds.candles, ds.features, bundle, cfg)
+    sp = ds.splits
+    res = run_sweep(arrays, cfg, (int(sp.sweep[0]), int(sp.sweep[-1]) + 1), oos_bars=int(sp.oos.size),
+                    n_jobs=args.n_jobs)
+    out = Path(args.out) if args.out else paths.results / f"sweep-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    files = save_sweep(res, out)
+    demo = " [DEMO DATA]" if ds.is_demo else ""
+    idx = ds.candles.index
+    print(f"sweep{demo}: {res.n_combos} combinations on {idx[res.window[0]]} .. {idx[res.window[1] - 1]} "
+          f"(first {cfg.splits.sweep_fraction:.0%} of the OOS window), {res.n_eligible} eligible "
+          f"(>= {res.min_trades} trades, max DD <= {cfg.profile.max_drawdown_pct}%), "
+          f"{time.perf_counter() - t0:.1f}s")
+    for row in top_rows(res, 10):
+        print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    print(f"table: {files['csv']}\nheatmap: {files['png']}")
+    if res.best is None:
+        print("no eligible combination: the current parameters stay")
+        return 0
+    print("chosen: " + json.dumps(res.best))
+    if args.apply:
+        with run_lock(paths):
+            raw = load_config(paths.config).model_dump(mode="json")
+            raw["trading"].update(res.best)
+            text = config_to_json(parse_config(raw, str(paths.config)))
+            _write_config_atomically(paths.config, text)
+        print(f"applied to {paths.config}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli_main(main)
