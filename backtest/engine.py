@@ -342,7 +342,6 @@ def run_step(candles: pd.DataFrame, predictor: Predictor, cfg: Config, start: An
     from backtest.live import HISTORY_BARS
 
     tr = trader if trader is not None else Trader(cfg, predictor, params=params)
-    p = tr.params
     equity = np.empty(e - s)
     records = []
     trip_bar: list[int] = []
@@ -355,6 +354,45 @@ def run_step(candles: pd.DataFrame, predictor: Predictor, cfg: Config, start: An
             for c in rep.trips:
                 trip_bar.append(t)
                 trip_code.append(c)
+    run = _fast_run_from_records(records, s, e, tr, equity, trip_bar, trip_code)
+    _, day = decision_clock(idx.as_unit("ns").asi8)
+    shim = _IndexShim(index=idx, day=day, predictor=predictor_name(predictor))
+    return run.to_result(shim, min_trades=cfg.profile.min_trades, in_sample=in_sample, mode="step")  # type: ignore
+
+
+def run_replay(arrays: MarketArrays, params: Params, start: int = 0, end: int | None = None, *,
+               trader: Trader | None = None, close_at_end: bool = True) -> tuple[FastRun, Trader]:
+    """Drive the live :class:`Trader` bar by bar over *precomputed* inputs (no feature recomputation).
+
+    Why: it isolates the rules from the feature code. The kernel and the Trader must agree here on any data (tests
+    run it on all bars in seconds); the full :func:`run_step` adds the bounded-window features on top. Pass a
+    ``trader`` (e.g. restored from a saved State) to continue a run from bar ``start``; ``close_at_end=False``
+    stops after bar ``end - 1`` as a live bot would (no forced close, a decision at its close)."""
+    end = arrays.n if end is None else end
+    em = (arrays.exit_trees, np.arange(arrays.exit_X.shape[1])) if arrays.use_exit else None
+    tr = trader if trader is not None else Trader(None, None, params=params, exit_model=em,
+                                                  risk_model=arrays.risk_trees if arrays.use_risk else None)
+    equity = np.empty(end - start)
+    recs = []
+    trip_bar: list[int] = []
+    trip_code: list[int] = []
+    t_ns = arrays.index.as_unit("ns").asi8
+    for t in range(start, end):
+        rep = tr.on_bar(t, int(t_ns[t]), arrays.open[t], arrays.high[t], arrays.low[t], arrays.close[t],
+                        arrays.spread[t], p_long=arrays.p_long[t], p_short=arrays.p_short[t],
+                        sl_atr=arrays.sl_atr[t], tp_atr=arrays.tp_atr[t], use_sltp=arrays.use_sltp,
+                        atr=arrays.atr[t], exit_market_row=arrays.exit_X[t], vol_regime=arrays.vol_regime[t],
+                        is_last=close_at_end and t == end - 1)
+        equity[t - start] = rep.equity
+        if rep.closed is not None:
+            recs.append(rep.closed)
+            trip_bar.extend([t] * len(rep.trips))
+            trip_code.extend(rep.trips)
+    return _fast_run_from_records(recs, start, end, tr, equity, trip_bar, trip_code), tr
+
+
+def _fast_run_from_records(records: list[Any], s: int, e: int, tr: Trader, equity: np.ndarray, trip_bar: list[int],
+                           trip_code: list[int]) -> FastRun:
     get = lambda name, dt: np.asarray([getattr(r, name) for r in records], dtype=dt)  # noqa: E731
     inv = {v: k for k, v in EXIT_REASONS.items()}
     trades = {
@@ -365,12 +403,9 @@ def run_step(candles: pd.DataFrame, predictor: Predictor, cfg: Config, start: An
         "reason": np.asarray([inv[r.exit_reason] for r in records], dtype=np.int64),
         "mult": get("risk_mult", np.float64),
     }
-    run = FastRun(start=s, end=e, params=p, trades=trades, equity=equity,
-                  trip_bar=np.asarray(trip_bar, dtype=np.int64), trip_code=np.asarray(trip_code, dtype=np.int64),
-                  skipped_size=tr.state.skipped_size)
-    hour, day = decision_clock(idx.as_unit("ns").asi8)
-    shim = _IndexShim(index=idx, day=day, predictor=predictor_name(predictor))
-    return run.to_result(shim, min_trades=cfg.profile.min_trades, in_sample=in_sample, mode="step")  # type: ignore
+    return FastRun(start=s, end=e, params=tr.params, trades=trades, equity=equity,
+                   trip_bar=np.asarray(trip_bar, dtype=np.int64), trip_code=np.asarray(trip_code, dtype=np.int64),
+                   skipped_size=tr.state.skipped_size)
 
 
 @dataclass

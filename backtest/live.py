@@ -86,21 +86,29 @@ class BarReport:
 class Trader:
     """Stateful bar-by-bar trading loop around :class:`State` (save ``trader.state.to_dict()`` after each bar)."""
 
-    def __init__(self, cfg: Config, predictor: Predictor, *, params: Params | None = None,
-                 state: State | None = None) -> None:
+    def __init__(self, cfg: Config | None, predictor: Predictor | None, *, params: Params | None = None,
+                 state: State | None = None, exit_model: tuple[CompiledTrees, np.ndarray] | None = None,
+                 risk_model: CompiledTrees | None = None) -> None:
+        """``predictor`` supplies the feature list and the exit/risk models; without one (replaying precomputed
+        inputs through :meth:`on_bar`) pass ``params`` and optionally ``exit_model`` / ``risk_model``."""
+        if params is None:
+            if cfg is None:
+                raise ValueError("Trader needs a config or params")
+            params = make_params(cfg)
         self.cfg = cfg
         self.predictor = predictor
-        self.params = params if params is not None else make_params(cfg)
+        self.params = params
         self.state = state if state is not None else State.initial(self.params.initial_equity)
-        self.names = list(predictor.feature_names)
-        self._atr_col = self.names.index("atr")
-        em = predictor.exit_model
-        self.use_exit = em is not None
-        self.exit_trees: CompiledTrees = em[0] if em is not None else empty_trees()
-        self.exit_cols = np.asarray(em[1], dtype=np.int64) if em is not None else np.zeros(0, dtype=np.int64)
-        rm = predictor.risk_model
-        self.use_risk = rm is not None
-        self.risk_trees: CompiledTrees = rm if rm is not None else empty_trees()
+        if predictor is not None:
+            self.names = list(predictor.feature_names)
+            self._atr_col = self.names.index("atr")
+            exit_model, risk_model = predictor.exit_model, predictor.risk_model
+        self.use_exit = exit_model is not None
+        self.exit_trees: CompiledTrees = exit_model[0] if exit_model is not None else empty_trees()
+        self.exit_cols = (np.asarray(exit_model[1], dtype=np.int64) if exit_model is not None
+                          else np.zeros(0, dtype=np.int64))
+        self.use_risk = risk_model is not None
+        self.risk_trees: CompiledTrees = risk_model if risk_model is not None else empty_trees()
         self._xbuf = np.empty(N_POS + self.exit_cols.size)
         self._abuf = np.empty(N_ACC)
         self._no_market = np.zeros(0)
@@ -109,9 +117,11 @@ class Trader:
     def step(self, history: pd.DataFrame, bar: int, is_last: bool = False) -> BarReport:
         """Process the bar that just closed: ``history`` ends with it (standard candle frame); only its last
         :data:`HISTORY_BARS` rows are used, exactly as the live bot does."""
+        if self.predictor is None:
+            raise ValueError("Trader.step needs a predictor")
         hist = history.iloc[-HISTORY_BARS:]
         feats = build_features(hist, self.cfg)
-        F = feats.reindex(columns=self.names).to_numpy(np.float32)
+        F = feats[self.names].to_numpy(np.float32)
         row = F[-1:]
         proba = np.asarray(self.predictor.signal_proba(row), dtype=np.float64)
         sltp = self.predictor.sltp(row)
