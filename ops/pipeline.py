@@ -277,9 +277,22 @@ def phase_shap(ctx: RunContext, s: dict[str, Any]) -> None:
     rep = shap_report(models, ds.X[ds.splits.train], ds.feature_names, cfg.features.protected,
                       ctx.run_dir / "shap", previous=previous, seed=cfg.tuning.seed, sample=SHAP_ROWS,
                       rf_sample=SHAP_ROWS_RF)
-    s["flags"] = list(rep.get("flags", []))
+    flags = rep.get("flags", {})
+    lines = []
+    if flags.get("leakage_suspects"):
+        lines.append(f"LEAKAGE SUSPECT (one feature holds most importance): {', '.join(flags['leakage_suspects'])}")
+    if flags.get("drop_candidates"):
+        lines.append(f"near zero in all three models (candidates, not dropped): {', '.join(flags['drop_candidates'])}")
+    if flags.get("protected_near_zero"):
+        lines.append(f"protected, near zero (kept): {', '.join(flags['protected_near_zero'])}")
+    for rc in flags.get("rank_changes", [])[:10]:
+        lines.append(f"rank change: {rc}")
+    s["flags"] = lines
+    s["mean_rank_agreement"] = rep.get("mean_rank_agreement")
     s["previous"] = str(previous) if previous else None
-    ctx.report.set("shap", {"flags": s["flags"]})
+    ctx.report.set("shap", {"flags": lines, "mean_rank_agreement": rep.get("mean_rank_agreement"),
+                            "top": [f["feature"] for f in rep.get("features", [])[:10] if isinstance(f, dict)
+                                    and "feature" in f]})
 
 
 def _previous_shap(ctx: RunContext) -> Path | None:
@@ -295,7 +308,7 @@ def phase_signal_study(ctx: RunContext, s: dict[str, Any]) -> None:
     cfg = ctx.run_cfg
     res = run_signal_study(ctx.dataset(), cfg, ctx.run_dir, n_trials=cfg.tuning.signal_trials,
                            timeout=cfg.tuning.timeout_s, storage=ctx.options.storage,
-                           study_name=f"signal-{ctx.run_id}", n_jobs=cfg.tuning.n_jobs)
+                           study_name=f"signal-{ctx.run_id}", n_jobs=cfg.tuning.n_jobs, top_up=True)
     _publish_study(ctx, "signal", res, s)
 
 
@@ -308,7 +321,6 @@ def _publish_study(ctx: RunContext, kind: str, res: Any, s: dict[str, Any]) -> N
             "best_params": res.best_params,
             "mean_trial_s": float(np.mean(res.per_trial_seconds)) if res.per_trial_seconds else None}
     s.update(info)
-    ctx.write_json(f"best_params_{kind}.json", res.best_params)
     # the seed project's location: results/optuna_study.pkl (+ the position study beside it)
     for f in ctx.run_dir.glob("optuna_study*.pkl"):
         shutil.copy2(f, ctx.paths.results / f.name)
@@ -317,28 +329,38 @@ def _publish_study(ctx: RunContext, kind: str, res: Any, s: dict[str, Any]) -> N
 
 def phase_position_study(ctx: RunContext, s: dict[str, Any]) -> None:
     """Optuna study of the position model, on positions entered by out-of-fold signal predictions."""
+    from ml.tune.common import load_best_params
     from ml.tune.hyperparams import oof_signal_proba
     from ml.tune.position import run_position_study
 
     cfg = ctx.run_cfg
     ds = ctx.dataset()
-    best = ctx.read_json("best_params_signal.json")
-    pls = oof_signal_proba(ds, cfg, best)
-    res = run_position_study(ds, cfg, ctx.run_dir, pls, n_trials=cfg.tuning.position_trials,
-                             timeout=cfg.tuning.timeout_s, storage=ctx.options.storage,
-                             study_name=f"position-{ctx.run_id}")
+    oof = oof_signal_proba(ds, cfg, load_best_params(ctx.run_dir, "signal"))
+    try:
+        res = run_position_study(ds, cfg, ctx.run_dir, oof.p_long_short, n_trials=cfg.tuning.position_trials,
+                                 timeout=cfg.tuning.timeout_s, storage=ctx.options.storage,
+                                 study_name=f"position-{ctx.run_id}", top_up=True)
+    except UserError as exc:
+        # Too few simulated trades for purged folds is a property of this week's data, not a broken run: the
+        # position model is then trained with its default parameters, and the report says so.
+        s["skipped"] = str(exc)
+        ctx.report.set("optuna_position", {"skipped": str(exc)})
+        ctx.report.data.setdefault("notes", []).append(f"position study skipped, default parameters used: {exc}")
+        log.warning("position study skipped: %s", exc)
+        return
     _publish_study(ctx, "position", res, s)
 
 
 def phase_signal_models(ctx: RunContext, s: dict[str, Any]) -> None:
     """Retrain RF, XGB and LGB with the tuned parameters, then ``calibrate_models()``; saved to staging."""
     from ml.models.signal import train_signal
+    from ml.tune.common import load_best_params
 
     ds, cfg = ctx.dataset(), ctx.run_cfg
     staging = ctx.staging
     for f in staging.glob("*"):  # a resumed phase starts from a clean staging set
         f.unlink()
-    out = train_signal(ds, cfg, params=ctx.read_json("best_params_signal.json"))
+    out = train_signal(ds, cfg, params=load_best_params(ctx.run_dir, "signal"))
     for m, model in out["models"].items():
         _save(staging, f"signal_{m}", model, ds, feature_names=ds.feature_names, params=out["params"][m],
               metrics={k: v.get(m) if isinstance(v, dict) else v for k, v in out["metrics"].items()},
@@ -351,9 +373,11 @@ def phase_position_model(ctx: RunContext, s: dict[str, Any]) -> None:
     """Retrain the position (exit) model; needs the staged signal models."""
     from backtest.policy import POSITION_STATE_FEATURES
     from ml.models.position import train_position
+    from ml.tune.common import load_best_params
 
     ds, cfg = ctx.dataset(), ctx.run_cfg
-    params = ctx.read_json("best_params_position.json")
+    tuned = ctx.run_dir / "best_params_position.json"
+    params = load_best_params(ctx.run_dir, "position") if tuned.exists() else None
     model, metrics = train_position(ds, cfg, ctx.staging, params=params)
     _save(ctx.staging, "position", model, ds, feature_names=[*POSITION_STATE_FEATURES, *model.market_features],
           params=params, metrics=metrics, kind="position", seed=cfg.tuning.seed)
@@ -432,8 +456,8 @@ def phase_evaluate(ctx: RunContext, s: dict[str, Any]) -> None:
         except UserError as exc:
             ev["baseline_error"] = str(exc)
     new_res["full"].trades.to_csv(ctx.run_dir / "trades_new.csv", index=False)
-    plot_equity(curves, ctx.run_dir / "equity_baseline_vs_new.png",
-                title=f"OOS equity ({ctx.run_id})" + (" - DEMO DATA" if ds.is_demo else ""))
+    plot_equity(ctx.run_dir / "equity_baseline_vs_new.png", curves["new"], baseline=curves.get("baseline"),
+                title=f"OOS equity, new vs deployed ({ctx.run_id})" + (" - DEMO DATA" if ds.is_demo else ""))
     ctx.write_json("evaluation.json", ev)
     s.update({k: {"score": v.get("score"), "trades": v.get("trades")} for k, v in ev.items() if isinstance(v, dict)})
     ctx.report.set("evaluation", ev)

@@ -80,7 +80,7 @@ def _metrics_rows(label: str, m: dict[str, Any] | None) -> str:
     if not m:
         return f"| {label} | - | - | - | - | - | - |\n"
     return (f"| {label} | {_fmt(m.get('score'))} | {_fmt(m.get('return_pct'), 2)} | "
-            f"{_fmt(m.get('max_drawdown_pct'), 2)} | {m.get('n_trades', m.get('trades', '-'))} | "
+            f"{_fmt(m.get('max_drawdown_pct'), 2)} | {m.get('trades', '-')} | "
             f"{_fmt(m.get('sharpe'), 2)} | {_fmt(m.get('profit_factor'), 2)} |\n")
 
 
@@ -136,7 +136,9 @@ def render_markdown(d: dict[str, Any]) -> str:
         lines.append("\n![sweep](sweep_heatmap.png)\n")
     for key, title in (("optuna_signal", "Optuna: signal ensemble"), ("optuna_position", "Optuna: position model")):
         o = d.get(key)
-        if o:
+        if o and o.get("skipped"):
+            lines.append(f"## {title}\n\nskipped: {o['skipped']}\n")
+        elif o:
             lines.append(f"## {title}\n\n{o.get('n_trials')} trials ({o.get('n_pruned', 0)} pruned), best value "
                          f"{_fmt(o.get('best_value'))}, best params `{json.dumps(o.get('best_params'))}`\n")
     shp = d.get("shap")
@@ -172,7 +174,7 @@ def telegram_text(d: dict[str, Any]) -> str:
         x = ev.get(key)
         if x:
             out.append(f"{label}: score {_fmt(x.get('score'), 3)}, return {_fmt(x.get('return_pct'), 2)}%, "
-                       f"maxDD {_fmt(x.get('max_drawdown_pct'), 2)}%, trades {x.get('n_trades')}")
+                       f"maxDD {_fmt(x.get('max_drawdown_pct'), 2)}%, trades {x.get('trades')}")
 
     m("Baseline", "baseline_full")
     m("New", "new_full")

@@ -38,6 +38,7 @@ def small_config(min_trades: int = 1, max_dd: float = 100.0) -> str:
     raw["splits"]["oos_weeks"] = 3
     raw["tuning"]["signal_trials"] = 2
     raw["tuning"]["position_trials"] = 2
+    raw["trading"]["confidence_threshold"] = 0.4  # enough simulated trades on a short history
     for prof in raw["profiles"].values():
         prof["min_trades"] = min_trades
         prof["max_drawdown_pct"] = max_dd
