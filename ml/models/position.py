@@ -454,21 +454,30 @@ def require_models(models_dir: Path, keys: Sequence[str], for_what: str) -> None
 
 
 def train_position(ds: Any, cfg: Config | None, models_dir_with_signal: Path | str,
-                   params: Mapping[str, Any] | None = None,
-                   market_features: Sequence[str] | None = None) -> tuple[PositionModel, dict[str, Any]]:
+                   params: Mapping[str, Any] | None = None, market_features: Sequence[str] | None = None, *,
+                   fit_p_long_short: np.ndarray | None = None) -> tuple[PositionModel, dict[str, Any]]:
     """Train the position model on the simulated positions of ``ds.splits.fit``, early-stopped and scored on those
     of ``ds.splits.calib`` (later, purged, and never seen by the signal's base models).
 
-    Requires the saved signal ensemble in ``models_dir_with_signal`` (:class:`UserError` otherwise)."""
+    Requires the saved signal ensemble in ``models_dir_with_signal`` (:class:`UserError` otherwise); its calibrated
+    probabilities drive the entries. On ``fit`` those are in-sample for the base models (their trades look better
+    than live ones); a caller that has out-of-fold probabilities (``ml.tune.hyperparams.oof_signal_proba``) can pass
+    them as ``fit_p_long_short`` (``(n_bars, 2)``, NaN = no entry) for the fit window; ``calib`` always uses the saved
+    models."""
     cfg = cfg or default_config()
     models_dir = Path(models_dir_with_signal)
     require_models(models_dir, SIGNAL_KEYS, "position model")
     t0 = time.perf_counter()
     sp = ds.splits
     fit_pos, cal_pos = np.asarray(sp.fit, np.int64), np.asarray(sp.calib, np.int64)
-    pls = signal_probabilities(models_dir, ds, np.concatenate([fit_pos, cal_pos]))
+    if fit_p_long_short is None:
+        pls = signal_probabilities(models_dir, ds, np.concatenate([fit_pos, cal_pos]))
+        fit_pls = pls
+    else:
+        pls = signal_probabilities(models_dir, ds, cal_pos)
+        fit_pls = full_probabilities(fit_p_long_short, len(ds.candles), fit_pos)
     t_sig = time.perf_counter() - t0
-    tr = position_rows(ds, pls, cfg, fit_pos, market_features)
+    tr = position_rows(ds, fit_pls, cfg, fit_pos, market_features)
     va = position_rows(ds, pls, cfg, cal_pos, market_features)
     t_rows = time.perf_counter() - t0 - t_sig
     if tr.y.size < 50 or va.y.size < 10:
@@ -483,6 +492,7 @@ def train_position(ds: Any, cfg: Config | None, models_dir_with_signal: Path | s
         "train": position_metrics(tr.y, model.predict_exit(tr.X), thr),
         "rows": {"train": tr.stats(), "val": va.stats()},
         "rounds": model.info.get("rounds"),
+        "fit_probabilities": "saved models (in-sample on fit)" if fit_p_long_short is None else "given (out-of-fold)",
         "timings_s": {"signal_proba": round(t_sig, 3), "rows": round(t_rows, 3), "fit": round(t_fit, 3)},
     }
     idx = ds.candles.index
