@@ -344,6 +344,13 @@ def plot_history(study: optuna.Study, path: Path, title: str) -> None:
     _atomic_write(path, lambda p: fig.savefig(p, format="png"))
 
 
+def storage_url(study: optuna.Study) -> str:
+    """The study's storage URL, password redacted ("in-memory" when it has none)."""
+    st = study._storage
+    url = getattr(st, "url", None) or getattr(getattr(st, "_backend", None), "url", None)
+    return redact_url(url) if url else "in-memory"
+
+
 def save_results(study: optuna.Study, results_dir: Path, kind: str, extra: dict[str, Any] | None = None
                  ) -> dict[str, Path]:
     """Write the study pickle, ``best_params_<kind>.json`` and the history PNG; returns their paths.
@@ -368,7 +375,7 @@ def save_results(study: optuna.Study, results_dir: Path, kind: str, extra: dict[
         "best_trial": best.number,
         "best_user_attrs": best.user_attrs,
         "study_name": study.study_name,
-        "storage": redact_url(getattr(study._storage, "url", "") or str(type(study._storage).__name__)),
+        "storage": storage_url(study),
         "study_user_attrs": study.user_attrs,
         "trials": counts,
         "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -404,10 +411,16 @@ def finish(study: optuna.Study, durations: list[float], results_dir: Path, kind:
                        n_trials=len(study.trials), per_trial_seconds=durations, study=study, files=files)
 
 
-def threads_per_trial(n_jobs: int) -> int:
-    """Library threads per trial so that ``n_jobs`` parallel trials together use the machine's cores, no more."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, n_jobs))
+# Library threads per trial. Measured on this 2-core machine with other work running (README, "What a trial costs"):
+# XGBoost/LightGBM with 2 OpenMP threads took 3-30x LONGER than with 1 as soon as a core was busy elsewhere (their
+# per-round barriers spin while a thread is descheduled), and the weekly run shares the machine with the live bot.
+# So each trial runs single-threaded and both cores are used by ``n_jobs=2`` parallel trials instead.
+DEFAULT_THREADS = 1
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -424,7 +437,9 @@ def add_cli_args(parser: argparse.ArgumentParser, default_trials_note: str) -> N
                         "optuna.db; e.g. postgresql+psycopg2://user:pw@host:5432/db for several workers)")
     parser.add_argument("--study-name", default=None, help="default: <kind>-<last train date>-<data fingerprint>")
     parser.add_argument("--n-jobs", type=int, default=None, help="parallel trials in this process "
-                        "(default config tuning.n_jobs); library threads are split across them")
+                        "(default config tuning.n_jobs; 2 uses both cores of a 2-core machine)")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="library threads per trial "
+                        f"(default {DEFAULT_THREADS}: measured faster and robust; see README)")
     parser.add_argument("--top-up", action="store_true", help="run only the trials missing to reach --n-trials "
                         "finished trials in the study (default: add --n-trials trials)")
     parser.add_argument("--worker", type=int, default=0, help="worker number when several processes share a "

@@ -245,15 +245,16 @@ def make_objective(ds: Dataset, cfg: Config, n_threads: int = 1, index_hook: Ind
 # --------------------------------------------------------------------------------------------------- study
 def run_signal_study(ds: Dataset, cfg: Config, results_dir: Path, n_trials: int | None = None,
                      timeout: float | None = None, storage: str | None = None, study_name: str | None = None,
-                     n_jobs: int | None = None, *, top_up: bool = False, worker: int = 0,
-                     index_hook: IndexHook | None = None) -> StudyResult:
+                     n_jobs: int | None = None, *, threads: int = common.DEFAULT_THREADS, top_up: bool = False,
+                     worker: int = 0, index_hook: IndexHook | None = None) -> StudyResult:
     """Run (or continue) the signal study and write its artefacts under ``results_dir``.
 
     ``n_trials`` defaults to ``cfg.tuning.signal_trials``, ``timeout`` to ``cfg.tuning.timeout_s``, ``n_jobs``
-    (parallel trials in this process) to ``cfg.tuning.n_jobs``; each trial's libraries get
-    ``cores // n_jobs`` threads. ``storage`` defaults to ``sqlite:///<results_dir>/optuna.db`` and ``study_name`` to
-    one derived from the data (:func:`ml.tune.common.default_study_name`). Resuming: see :mod:`ml.tune.common`
-    (``top_up=False`` adds ``n_trials`` trials; ``top_up=True`` runs only the missing ones).
+    (parallel trials in this process, as threads) to ``cfg.tuning.n_jobs``; each trial's libraries get ``threads``
+    threads (default 1, see :data:`ml.tune.common.DEFAULT_THREADS`: use ``n_jobs=2`` for two cores). ``storage``
+    defaults to ``sqlite:///<results_dir>/optuna.db`` and ``study_name`` to one derived from the data
+    (:func:`ml.tune.common.default_study_name`). Resuming: see :mod:`ml.tune.common` (``top_up=False`` adds
+    ``n_trials`` trials; ``top_up=True`` runs only the missing ones).
     """
     results_dir = Path(results_dir)
     n_trials = int(n_trials if n_trials is not None else cfg.tuning.signal_trials)
@@ -265,7 +266,6 @@ def run_signal_study(ds: Dataset, cfg: Config, results_dir: Path, n_trials: int 
     study = common.create_or_load_study(name, url, cfg.tuning.seed, worker=worker, user_attrs={
         "kind": KIND, "fingerprint": fp, "space_version": SPACE_VERSION, "objective": "mean_k F1_macro x (1 - maxDD)",
         "n_folds": len(ds.splits.folds), "oos_start": int(ds.splits.oos_start)})
-    threads = common.threads_per_trial(n_jobs)
     objective = make_objective(ds, cfg, n_threads=threads, index_hook=index_hook)
     durations = common.optimize(study, objective, KIND, n_trials, timeout=timeout, n_jobs=n_jobs, top_up=top_up)
     result = common.finish(study, durations, results_dir, KIND, extra={
@@ -327,7 +327,7 @@ def oof_signal_proba(ds: Dataset, cfg: Config, params: Mapping[str, Mapping[str,
 
     base = default_params()
     use = {name: {**base[name], **dict((params or {}).get(name, {}) or {})} for name in SIGNAL_MODELS}
-    n_jobs = n_jobs or common.threads_per_trial(1)
+    n_jobs = n_jobs or common.DEFAULT_THREADS
     X, y = ds.X, ds.y
     t1 = ds.labels["t1"].to_numpy(np.int64)
     oos_start = int(ds.splits.oos_start)
@@ -365,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     common.setup_logging(args.quiet)
     cfg, ds, results = common.load_cli_inputs(args)
     res = run_signal_study(ds, cfg, results, n_trials=args.n_trials, timeout=args.timeout, storage=args.storage,
-                           study_name=args.study_name, n_jobs=args.n_jobs, top_up=args.top_up, worker=args.worker)
+                           study_name=args.study_name, n_jobs=args.n_jobs, threads=args.threads, top_up=args.top_up,
+                           worker=args.worker)
     per = res.per_trial_seconds
     print(f"study={res.study.study_name} best_value={res.best_value:.6f} trials={res.n_trials} "
           f"ran={len(per)} mean_trial_s={(sum(per) / len(per)) if per else 0.0:.2f} "

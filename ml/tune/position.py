@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, ds, results = common.load_cli_inputs(args)
     sig = _signal_params(results, args.signal_params)
     t0 = time.perf_counter()
-    oof = oof_signal_proba(ds, cfg, sig, n_jobs=common.threads_per_trial(1))
+    oof = oof_signal_proba(ds, cfg, sig, n_jobs=args.threads)
     log.info("out-of-fold signal probabilities on %d bars in %.1fs (%s params)", oof.positions.size,
              time.perf_counter() - t0, "tuned" if sig else "default")
     res = run_position_study(ds, cfg, results, oof.p_long_short, n_trials=args.n_trials, timeout=args.timeout,

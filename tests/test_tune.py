@@ -1,0 +1,200 @@
+"""The Optuna studies on SQLite: the real signal objective on a few thousand real BTC bars, 2-4 trials.
+
+What is proved here (the PostgreSQL / several-workers case is in test_tune_postgres.py):
+
+* the study runs and writes ``optuna_study.pkl``, ``best_params_signal.json`` and the history PNG;
+* every index the objective receives lies before ``oos_start`` (recorded through the objective's index hook), and a
+  fold that reaches the OOS window raises instead of being tuned on;
+* it reports once per fold, and the pruner can stop a trial after a fold;
+* it is resumable (a second call adds trials to the same study; ``top_up`` runs only the missing ones) and seeded
+  (the same seed gives the same parameter sequence; a resumed study does not replay it);
+* the out-of-fold signal probabilities cover only fold validation bars.
+"""
+
+from __future__ import annotations
+
+import json
+
+import joblib
+import numpy as np
+import optuna
+import pytest
+from _candles import real_btc as real_candles
+
+from ml.config import default_config, parse_config
+from ml.dataset import Dataset, build_dataset
+from ml.errors import UserError
+from ml.tune import common
+from ml.tune.common import OOSLeakError, guard_indices
+
+N_BARS = 4000  # 768 warm-up + ~2500 training + one OOS week: three walk-forward blocks of ~700 bars
+
+
+def small_config():
+    raw = default_config().model_dump(mode="json")
+    raw["splits"].update({"oos_weeks": 1, "n_folds": 2})
+    raw["tuning"].update({"seed": 7})
+    return parse_config(raw, "test config")
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return small_config()
+
+
+@pytest.fixture(scope="module")
+def ds(cfg) -> Dataset:
+    return build_dataset(real_candles(N_BARS), cfg)
+
+
+# ----------------------------------------------------------------------------------------------- plumbing
+def test_guard_indices_refuses_oos_and_negative():
+    assert guard_indices([0, 5, 9], 10).tolist() == [0, 5, 9]
+    assert guard_indices(np.array([], dtype=np.int64), 10).size == 0
+    with pytest.raises(OOSLeakError, match="position 10"):
+        guard_indices([3, 10], 10, "x")
+    with pytest.raises(OOSLeakError):
+        guard_indices([-1], 10)
+
+
+def test_storage_urls(tmp_path):
+    assert common.resolve_storage(None, tmp_path) == f"sqlite:///{tmp_path.resolve()}/optuna.db"
+    assert common.resolve_storage(str(tmp_path / "a.db"), tmp_path).startswith("sqlite:///")
+    assert common.resolve_storage("postgresql+psycopg2://u:pw@h:5432/d", tmp_path).startswith("postgresql")
+    assert "pw" not in common.redact_url("postgresql+psycopg2://u:pw@h:5432/d")
+    with pytest.raises(UserError, match="database URL"):
+        common.resolve_storage("not a url", tmp_path)
+    with pytest.raises(UserError, match="cannot open"):
+        common.open_storage("postgresql+psycopg2://u:pw@127.0.0.1:1/d")
+
+
+def test_run_folds_reports_every_fold_and_prunes():
+    """A cheap objective through the same fold loop: each trial reports per fold, bad trials are pruned."""
+    folds = [(np.arange(0, 10), np.arange(12, 20)), (np.arange(0, 20), np.arange(22, 30)),
+             (np.arange(0, 30), np.arange(32, 40))]
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0))
+    calls: list[int] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        return common.run_folds(trial, folds, lambda k, tr, va: (calls.append(k) or x, {"k": k}), oos_start=40)
+
+    study.optimize(objective, n_trials=20)
+    states = [t.state for t in study.trials]
+    assert optuna.trial.TrialState.PRUNED in states
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert sorted(t.intermediate_values) == [0, 1, 2]
+            assert t.user_attrs["fold2"]["k"] == 2
+        else:
+            assert len(t.intermediate_values) < 3  # stopped before the last fold: its cost was saved
+    assert len(calls) < 3 * len(study.trials)
+
+
+def test_run_folds_guards_before_the_objective_sees_anything():
+    study = optuna.create_study(direction="maximize")
+    seen: list[int] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        leaky = [(np.arange(0, 10), np.arange(12, 20)), (np.arange(0, 20), np.arange(22, 41))]
+        return common.run_folds(trial, leaky, lambda k, tr, va: (seen.append(k) or 1.0, {}), oos_start=40)
+
+    with pytest.raises(OOSLeakError, match="fold 1 validation"):
+        study.optimize(objective, n_trials=1)
+    assert seen == [0]
+
+
+def test_fingerprint_mismatch_is_refused(tmp_path):
+    url = common.resolve_storage(None, tmp_path)
+    common.create_or_load_study("s", url, 1, user_attrs={"fingerprint": "aaa"})
+    common.create_or_load_study("s", url, 1, user_attrs={"fingerprint": "aaa"})  # same data: loads
+    with pytest.raises(UserError, match="other data"):
+        common.create_or_load_study("s", url, 1, user_attrs={"fingerprint": "bbb"})
+
+
+# ----------------------------------------------------------------------------------------------- the real study
+def test_signal_study_real_objective(ds, cfg, tmp_path):
+    from ml.tune.hyperparams import model_params_from_flat, run_signal_study
+
+    seen: dict[str, list[np.ndarray]] = {}
+    hook = lambda what, idx: seen.setdefault(what, []).append(np.asarray(idx).copy())  # noqa: E731
+    res_dir = tmp_path / "results"
+    res = run_signal_study(ds, cfg, res_dir, n_trials=3, index_hook=hook)
+
+    # -- the OOS window is never touched: every index the objective received is < oos_start
+    oos = ds.splits.oos_start
+    assert set(seen) == {"train", "val", "bars"}
+    assert len(seen["train"]) == 3 * len(ds.splits.folds)
+    for what, arrays in seen.items():
+        assert all(a.size > 0 and a.max() < oos and a.min() >= 0 for a in arrays), what
+    fold_val_max = max(int(va.max()) for _, va in ds.splits.folds)
+    assert max(int(a.max()) for a in seen["bars"]) == fold_val_max < oos
+
+    # -- per-fold reports and attributes
+    study = res.study
+    assert len(study.trials) == 3 and res.n_trials == 3 and len(res.per_trial_seconds) == 3
+    for t in study.trials:
+        assert t.state == optuna.trial.TrialState.COMPLETE  # the median pruner waits for 5 finished trials
+        assert sorted(t.intermediate_values) == list(range(len(ds.splits.folds)))
+        f0 = t.user_attrs["fold0"]
+        assert 0.0 <= f0["f1"] <= 1.0 and f0["max_dd_pct"] >= 0.0 and f0["trades"] >= 0
+        assert t.value == pytest.approx(np.mean([t.user_attrs[f"fold{k}"]["value"]
+                                                 for k in range(len(ds.splits.folds))]), abs=1e-5)
+    assert res.best_value == max(t.value for t in study.trials)
+
+    # -- artefacts
+    pkl = joblib.load(res_dir / "optuna_study.pkl")
+    assert isinstance(pkl, optuna.Study) and len(pkl.trials) == 3 and pkl.best_value == res.best_value
+    doc = json.loads((res_dir / "best_params_signal.json").read_text())
+    assert doc["best_params"] == res.best_params and doc["best_value"] == res.best_value
+    assert set(doc["model_params"]) == {"rf", "xgb", "lgb"}
+    assert doc["model_params"] == json.loads(json.dumps(model_params_from_flat(res.best_params)))
+    assert common.load_best_params(res_dir, "signal") == doc["model_params"]
+    assert (res_dir / "optuna_history_signal.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (res_dir / "optuna.db").exists()  # the default storage
+
+    # -- resumable: a second call adds trials to the same study; top_up only fills up to n_trials
+    first_params = [t.params for t in study.trials]
+    again = run_signal_study(ds, cfg, res_dir, n_trials=1)
+    assert again.study.study_name == study.study_name and len(again.study.trials) == 4
+    assert again.study.trials[3].params not in first_params  # the resumed sampler does not replay trial 0
+    topped = run_signal_study(ds, cfg, res_dir, n_trials=4, top_up=True)
+    assert len(topped.study.trials) == 4 and topped.per_trial_seconds == []
+
+    # -- seeded: a fresh study with the same seed proposes the same parameter sequence
+    other = run_signal_study(ds, cfg, tmp_path / "other", n_trials=2)
+    assert [t.params for t in other.study.trials] == first_params[:2]
+
+
+def test_signal_study_refuses_a_leaky_fold(ds, cfg, tmp_path):
+    from ml.tune.hyperparams import run_signal_study
+
+    leaky = Dataset(candles=ds.candles, features=ds.features, labels=ds.labels, events=ds.events,
+                    splits=_with_folds(ds, [(ds.splits.folds[0][0], np.append(ds.splits.folds[0][1],
+                                                                            ds.splits.oos_start))]))
+    with pytest.raises(OOSLeakError):
+        run_signal_study(leaky, cfg, tmp_path, n_trials=1, study_name="leaky")
+
+
+def _with_folds(ds: Dataset, folds):
+    import dataclasses
+
+    return dataclasses.replace(ds.splits, folds=folds)
+
+
+def test_oof_signal_proba_covers_only_fold_validation_bars(ds, cfg):
+    from ml.tune.hyperparams import oof_signal_proba
+
+    oof = oof_signal_proba(ds, cfg, n_jobs=1)
+    n = ds.splits.n_bars
+    assert oof.proba.shape == (n, 3) and oof.p_long_short.shape == (n, 2)
+    lo = min(int(va[0]) for _, va in ds.splits.folds)
+    hi = max(int(va[-1]) for _, va in ds.splits.folds)
+    assert oof.positions.min() == lo and oof.positions.max() == hi < ds.splits.oos_start
+    inside = np.zeros(n, dtype=bool)
+    inside[oof.positions] = True
+    assert np.isfinite(oof.proba[inside]).all() and np.isnan(oof.proba[~inside]).all()
+    assert np.allclose(oof.proba[inside].sum(axis=1), 1.0)
+    assert np.array_equal(oof.p_long_short[inside], oof.proba[inside][:, [2, 0]])
+    assert set(np.unique(oof.fold[inside]).tolist()) == set(range(len(ds.splits.folds)))
