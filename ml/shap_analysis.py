@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,9 @@ TOP_N_PLOT = 25
 
 def _mean_abs_shap(model: Any, rows: np.ndarray, n_features: int) -> np.ndarray:
     """Mean |SHAP| per feature over rows and classes (multiclass output: mean over the three class outputs)."""
-    import shap
+    with warnings.catch_warnings():  # shap's import touches matplotlib colormap APIs that warn (not our concern)
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        import shap
 
     explainer = shap.TreeExplainer(model)
     sv = explainer.shap_values(rows, check_additivity=False)
@@ -191,17 +194,17 @@ def shap_report(models: Mapping[str, Any], X: np.ndarray, feature_names: Sequenc
         "leakage_suspects": leak_rows,
         "rank_changes": rank_changes,
     }
-    warnings: list[str] = []
+    warn_lines: list[str] = []
     for r in leak_rows:
-        warnings.append(f"leakage suspect: {r['feature']} holds {max(r['share'].values()):.0%} of the importance "
+        warn_lines.append(f"leakage suspect: {r['feature']} holds {max(r['share'].values()):.0%} of the importance "
                         f"in {', '.join(r['models'])}: check that it is computed only from past bars")
     if flags["drop_candidates"]:
-        warnings.append(f"{len(flags['drop_candidates'])} feature(s) near zero in all models (candidates to drop, "
+        warn_lines.append(f"{len(flags['drop_candidates'])} feature(s) near zero in all models (candidates to drop, "
                         f"not dropped): {', '.join(flags['drop_candidates'][:10])}")
     for rc in rank_changes[:5]:
-        warnings.append(f"rank change: {rc['feature']} {rc['prev_rank']} -> {rc['rank']}")
+        warn_lines.append(f"rank change: {rc['feature']} {rc['prev_rank']} -> {rc['rank']}")
     if prev_note:
-        warnings.append(prev_note)
+        warn_lines.append(prev_note)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -225,7 +228,7 @@ def shap_report(models: Mapping[str, Any], X: np.ndarray, feature_names: Sequenc
         "thresholds": {"near_zero_share": near_zero_share, "leakage_share": leakage_share, "rank_change": rank_change},
         "rank_agreement": agreement,
         "mean_rank_agreement": round(float(np.mean(finite)), 4) if finite else None,
-        "flags": flags, "warnings": warnings, "previous": None if previous is None else str(previous),
+        "flags": flags, "warnings": warn_lines, "previous": None if previous is None else str(previous),
         "seconds": seconds, "features": features,
         "files": {"csv": str(out / REPORT_CSV), "json": str(out / REPORT_JSON), "png": str(out / REPORT_PNG)},
     }
