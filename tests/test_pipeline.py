@@ -151,36 +151,47 @@ def test_bad_config_exits_2_and_writes_nothing(tmp_path: Path) -> None:
     assert not (root / "models").exists()
 
 
+def _check_whole(root: Path, run_id: str, old: dict[str, str], point: str) -> dict[str, str]:
+    """What every restart does first (recover), then: the deployed state is the whole old or the whole new set."""
+    deploy.recover(Paths.of(root))  # idempotent: the next run calls it again
+    now = state(root)
+    intent = root / "results" / run_id / "deploy_intent.json"
+    new = json.loads(intent.read_text())["hashes"] if intent.exists() else None
+    assert now in (old, new), point
+    return now
+
+
 def test_sigkill_at_every_boundary_then_resume(tmp_path: Path) -> None:
-    """Kill after each phase and at points inside the commit; after every restart's recovery models/ + config.json
-    are byte-identical to the old or the new set, and the resumed run completes with the new set deployed."""
+    """Kill after each phase, then (from the state killed just after the Hub push) at each point inside the atomic
+    switch. After every kill the restart's recovery leaves the whole old or the whole new set; ``--resume`` then
+    completes the run with the new set deployed."""
     root = tmp_path / "root"
     root.mkdir()
     (root / "config.json").write_text(small_config())
     old = state(root)
-    kills = [("WEEKLY_CRASH_AT", f"after_phase_{k}") for k in range(1, 13)]
-    kills.append(("WEEKLY_CRASH_AT", "after_push"))
-    kills += [(deploy.CRASH_ENV, p) for p in ("after_journal", "after_old_moved", "after_new_moved",
-                                              "after_config", "after_done")]
-    run_id = None
-    for i, (var, point) in enumerate(kills):
-        r = run_job(root, *([] if i == 0 else ["--resume"]), env={var: point})
+    boundaries = [f"after_phase_{k}" for k in range(1, 13)] + ["after_push"]
+    run_id = ""
+    for i, point in enumerate(boundaries):
+        r = run_job(root, *([] if i == 0 else ["--resume"]), env={"WEEKLY_CRASH_AT": point})
         assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stdout[-2000:], r.stderr[-2000:])
         run_id = run_id or sorted(p.name for p in (root / "results").iterdir() if p.is_dir())[-1]
-        deploy.recover(Paths.of(root))  # what every start does first (idempotent)
-        now = state(root)
-        intent = root / "results" / run_id / "deploy_intent.json"
-        new = json.loads(intent.read_text())["hashes"] if intent.exists() else None
-        assert now in (old, new), point
-    r = run_job(root, "--resume")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rep = _last_report(root)
-    assert rep["run_id"] == run_id
-    assert rep["decision"]["action"] == "commit"
-    assert [p["status"] for p in sorted(rep["phases"], key=lambda p: p["number"])] == ["ok"] * 13
-    new = json.loads((root / "results" / run_id / "deploy_intent.json").read_text())["hashes"]
-    assert state(root) == new != old
-    assert not (root / ".deploy_journal.json").exists()
-    # a later run starts cleanly
-    r = run_job(root, "--phases", "1-3")
+        assert _check_whole(root, run_id, old, point) == old  # nothing is switched before the commit
+    assert run_id in json.loads((root / "registry" / "refs.json").read_text()).get("tags", {})
+
+    for point in ("before_journal", "after_journal", "after_old_moved", "after_new_moved", "after_config",
+                  "after_done", "after_journal_removed"):
+        case = _copy(root, tmp_path / f"case-{point}")
+        r = run_job(case, "--resume", env={deploy.CRASH_ENV: point})
+        assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+        _check_whole(case, run_id, old, point)
+        r = run_job(case, "--resume")
+        assert r.returncode == 0, (point, r.stdout[-3000:] + r.stderr[-3000:])
+        rep = _last_report(case)
+        assert rep["run_id"] == run_id and rep["decision"]["action"] == "commit", point
+        assert [p["status"] for p in sorted(rep["phases"], key=lambda p: p["number"])] == ["ok"] * 13
+        new = json.loads((case / "results" / run_id / "deploy_intent.json").read_text())["hashes"]
+        assert state(case) == new != old, point
+        assert not (case / ".deploy_journal.json").exists()
+    # and a later run starts cleanly on the last case
+    r = run_job(case, "--phases", "1-3")
     assert r.returncode == 0, r.stderr[-2000:]
