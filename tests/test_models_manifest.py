@@ -197,6 +197,9 @@ def test_copy_set_seeds_staging_and_removes_stale_files(tmp_path: Path, signal_m
     assert {p.name: p.read_bytes() for p in src.iterdir()} == src_bytes  # the deployed set is untouched
     assert read_manifest(dst)["models"]["signal_rf"]["kind"] == "replaced"
     assert read_manifest(dst)["models"]["signal_xgb"] == read_manifest(src)["models"]["signal_xgb"]
+    (src / FILES["signal_lgb"]).write_bytes(b"tampered")  # a damaged deployed set is not propagated
+    with pytest.raises(ModelError, match="signal_lgb.joblib was modified"):
+        copy_set(src, tmp_path / "staging2")
 
 
 def _booster(X: np.ndarray, y: np.ndarray, objective: str) -> lgb.Booster:

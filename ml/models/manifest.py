@@ -351,16 +351,17 @@ def copy_set(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[s
 
     Seeds a staging folder from the deployed models so that retraining one model keeps the others. Model files in
     ``dst`` that ``src`` lacks are removed (a stale file must not survive into a deploy). A first run (``src``
-    has no manifest) leaves ``dst`` empty of models. Files are copied byte for byte; hashes stay valid. Returns
-    the keys copied.
+    has no manifest) leaves ``dst`` empty of models. The source set is verified first (a damaged or tampered
+    deployed file must not travel into the next deploy: :class:`ModelError`); files are copied byte for byte, so
+    the hashes stay valid. Returns the keys copied.
     """
     src, dst = Path(src), Path(dst)
+    table: dict[str, Any] = verify(src) if (src / MANIFEST).exists() else {}
     dst.mkdir(parents=True, exist_ok=True)
-    table: dict[str, Any] = read_manifest(src)["models"] if (src / MANIFEST).exists() else {}
     copied: list[str] = []
     for key, fname in FILES.items():
         target = dst / fname
-        if key in table and (src / fname).is_file():
+        if key in table:
             tmp = dst / f".{fname}.copy.tmp"
             shutil.copyfile(src / fname, tmp)
             with open(tmp, "rb") as fh:
