@@ -166,6 +166,7 @@ class TuningCfg(_Strict):
     position_trials: Annotated[int, Field(ge=1)] = 50
     timeout_s: PosFloat | None = None
     n_jobs: Annotated[int, Field(ge=1)] = 1
+    pruning: bool = True  # median pruning on fold results; off = the slow reference of bench/weekly_run.py
 
 
 class HubCfg(_Strict):
