@@ -331,7 +331,7 @@ def account_state_features(out: np.ndarray, equity: float, peak: float, loss_str
     out[5] = session_code(hour)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def model_risk_multiplier(equity: float, peak: float, loss_streak: int, ring_win: np.ndarray, ring_eq: np.ndarray,
                           n_closed: int, vol_regime: float, hour: int, risk_trees: CompiledTrees, abuf: np.ndarray,
                           p: Params) -> float:
@@ -434,7 +434,7 @@ def position_state_features(out: np.ndarray, side: int, held: int, close: float,
         out[4] = np.nan
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def model_exit(bar: int, entry_bar: int, side: int, close: float, entry: float, stop: float, target: float,
                atr: float, market_row: np.ndarray, xbuf: np.ndarray, exit_trees: CompiledTrees, p: Params) -> int:
     """Rule R12 (second half): EXIT_MODEL when the position model's exit probability on ``[position state at this

@@ -22,9 +22,10 @@ class RuleSignal:
     """Rule-based momentum signal (not a model).
 
     ``z = ret_{h} / (rv_16 * sqrt(h))`` is the last ``h``-bar log return (h in 1, 4, 16, 64) in units of the recent
-    per-bar volatility scaled to ``h`` bars;
-    ``p_long = 1 / (1 + exp(-gain * z))``, ``p_short = 1 - p_long``. A positive momentum z-score of 1 with gain 1
-    gives p_long 0.73. Row-wise, so one row or all rows give the same numbers (step / fast parity).
+    per-bar volatility scaled to ``h`` bars. Shaped like a three-class model's output (long / short / no trade):
+    ``p_long = 1 / (1 + exp(-gain * (z - offset)))``, ``p_short = 1 / (1 + exp(-gain * (-z - offset)))``; both are
+    0.27 at ``z = 0`` (with the defaults), so a threshold of 0.5 trades only when ``|z| > offset``. Row-wise, so one
+    row or all rows give the same numbers (step / fast parity). ``gain < 0`` turns it into a mean-reversion rule.
 
     With ``sltp_rule=True`` it also provides rule-based stop/target distances
     ``sl_atr = clip(1 + 0.5 * vol_ratio, 0.75, 3)``, ``tp_atr = 1.5 * sl_atr`` (wider stops when short-term
@@ -32,12 +33,14 @@ class RuleSignal:
     ``exit_model`` / ``risk_model`` are passed through unchanged (e.g. the toy models below in tests).
     """
 
-    def __init__(self, feature_names: Sequence[str], *, horizon: int = 16, gain: float = 1.0, sltp_rule: bool = False,
+    def __init__(self, feature_names: Sequence[str], *, horizon: int = 16, gain: float = 1.0, offset: float = 1.0,
+                 sltp_rule: bool = False,
                  exit_model: tuple[CompiledTrees, np.ndarray] | None = None,
                  risk_model: CompiledTrees | None = None) -> None:
         self._names = list(feature_names)
         self.horizon = int(horizon)
         self.gain = float(gain)
+        self.offset = float(offset)
         self.sltp_rule = sltp_rule
         self._exit = exit_model
         self._risk = risk_model
@@ -60,9 +63,12 @@ class RuleSignal:
         rv = X[:, self._i_rv].astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             z = ret / (rv * math.sqrt(self.horizon))
-        p = 1.0 / (1.0 + np.exp(-self.gain * z))
-        p[~np.isfinite(z)] = np.nan
-        return np.column_stack([p, 1.0 - p])
+        pl = 1.0 / (1.0 + np.exp(-self.gain * (z - self.offset)))
+        ps = 1.0 / (1.0 + np.exp(-self.gain * (-z - self.offset)))
+        bad = ~np.isfinite(z)
+        pl[bad] = np.nan
+        ps[bad] = np.nan
+        return np.column_stack([pl, ps])
 
     def sltp(self, X: np.ndarray) -> np.ndarray | None:
         if not self.sltp_rule:

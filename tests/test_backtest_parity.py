@@ -31,9 +31,9 @@ def setup():  # noqa: ANN201
     feats = build_features(candles, cfg)
     pred = RuleSignal(list(feats.columns), sltp_rule=True, exit_model=toy_exit_model(feats, seed=11),
                       risk_model=toy_risk_model(seed=12))
-    # breakers tuned so that all three trip inside the window, the halt late (bar ~5,600)
-    p = replace_params(make_params(cfg), risk_percent=1.0, confidence_threshold=0.65, daily_loss_limit_pct=1.0,
-                       max_consecutive_losses=3, cooldown_bars=8, max_drawdown_halt_pct=35.0)
+    # breakers tuned so that all three trip inside the window, the 25 % drawdown halt late (bar ~5,600)
+    p = replace_params(make_params(cfg), risk_percent=1.0, confidence_threshold=0.6, daily_loss_limit_pct=1.0,
+                       max_consecutive_losses=3, cooldown_bars=8, max_drawdown_halt_pct=25.0)
     return cfg, candles, feats, pred, p
 
 

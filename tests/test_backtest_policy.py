@@ -29,7 +29,7 @@ from backtest.policy import (
     session_code,
     sessions_mask,
 )
-from backtest.trees import MISSING_NONE, OBJ_IDENTITY, OBJ_SIGMOID, CompiledTrees, empty_trees
+from backtest.trees import OBJ_IDENTITY, OBJ_SIGMOID, CompiledTrees, build_trees, empty_trees
 from ml.config import default_config
 
 T0 = pd.Timestamp("2024-01-01 00:00", tz="UTC")
@@ -101,17 +101,15 @@ def one_signal(n: int, at: int = 0, side: str = "long") -> np.ndarray:
 
 def leaf(value: float, objective: int = OBJ_SIGMOID, num_features: int = 5) -> CompiledTrees:
     """A one-leaf model: constant raw score."""
-    i = np.zeros(0, dtype=np.int64)
-    return CompiledTrees(i, np.zeros(0), i, i, i, i, np.array([value]), np.array([-1], dtype=np.int64), objective,
-                         1.0, 1.0, num_features)
+    return build_trees([{"leaf_value": value}], objective, num_features=num_features)
 
 
 def stump(feature: int, threshold: float, left: float, right: float, objective: int = OBJ_SIGMOID,
           num_features: int = 5) -> CompiledTrees:
     """One split ``x[feature] <= threshold`` -> left leaf else right leaf."""
-    a = lambda *v: np.asarray(v, dtype=np.int64)  # noqa: E731
-    return CompiledTrees(a(feature), np.array([threshold]), a(MISSING_NONE), a(1), a(-1), a(-2),
-                         np.array([left, right]), a(0), objective, 1.0, 1.0, num_features)
+    tree = {"split_feature": feature, "threshold": threshold, "left_child": {"leaf_value": left},
+            "right_child": {"leaf_value": right}}
+    return build_trees([tree], objective, num_features=num_features)
 
 
 def logit(p: float) -> float:
