@@ -372,12 +372,14 @@ def train_signal(ds: Any, cfg: Config | None = None, params: Mapping[str, Mappin
             final[k]["n_estimators"] = max(1, math.ceil(best[k] * ratio))
             final[k]["early_stopping_rounds"] = 0
         raw = fit_signal_models(X[fit], y[fit], {"rf": final["rf"]}, seed, rf_jobs)
+        timings["fit_rf"] = time.perf_counter() - t0
         raw.update(fit_signal_models(X[fit], y[fit], {k: final[k] for k in ("xgb", "lgb")}, seed, boost_jobs))
     else:
         for k in ("xgb", "lgb"):
             final[k]["n_estimators"] = best[k]
         raw = {"rf": fit_signal_models(X[fit], y[fit], {"rf": final["rf"]}, seed, rf_jobs)["rf"], **es}
-    timings["fit"] = time.perf_counter() - t0
+        timings["fit_rf"] = time.perf_counter() - t0
+    timings["fit"] = time.perf_counter() - t0  # forest + refit boosters
 
     t0 = time.perf_counter()
     calibrated = calibrate_models(raw, X[calib], y[calib])
