@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numba import njit
 
 from ml.config import RiskProfile
 
@@ -57,15 +58,60 @@ def score(m: Mapping[str, Any], min_trades: int) -> float:
     return float(s)
 
 
-def _daily_returns(equity: np.ndarray, day: np.ndarray, initial: float) -> np.ndarray:
-    if equity.size == 0:
-        return np.zeros(0)
-    last = np.flatnonzero(np.diff(day) != 0)  # last bar of each day but the final one
-    ends = np.concatenate([equity[last], equity[-1:]])
-    prev = np.concatenate([[initial], ends[:-1]])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = ends / prev - 1.0
-    return r[np.isfinite(r)]
+@njit(cache=True)
+def _equity_stats(equity: np.ndarray, day: np.ndarray, initial: float) -> tuple[float, float, float, float, int]:
+    """One pass over the curve: (max drawdown %, mean, sample std and downside deviation of the daily returns, days).
+
+    Compiled because the sweep and the Optuna objectives score every trial: numpy needed ~3.5 ms per 140k bars."""
+    peak = initial
+    dd = 0.0
+    n_days = 0
+    s1 = 0.0
+    sd = 0.0
+    prev = initial
+    mean = 0.0
+    m2 = 0.0
+    for i in range(equity.size):
+        e = equity[i]
+        if e > peak:
+            peak = e
+        elif peak - e > dd * peak and peak > 0.0:  # multiply to test, divide only on a new maximum
+            dd = (peak - e) / peak
+        if i == equity.size - 1 or day[i + 1] != day[i]:  # last bar of a UTC day: one daily return
+            if prev != 0.0:
+                r = e / prev - 1.0
+                if np.isfinite(r):
+                    n_days += 1
+                    delta = r - mean  # Welford: stable mean / variance
+                    mean += delta / n_days
+                    m2 += delta * (r - mean)
+                    s1 += r
+                    if r < 0.0:
+                        sd += r * r
+            prev = e
+    std = np.sqrt(m2 / (n_days - 1)) if n_days >= 2 else 0.0
+    down = np.sqrt(sd / n_days) if n_days >= 1 else 0.0
+    return dd * 100.0, (s1 / n_days if n_days >= 1 else 0.0), std, down, n_days
+
+
+@njit(cache=True)
+def _trade_stats(pnl: np.ndarray) -> tuple[float, float, int, int]:
+    """(gross profit, gross loss, wins, longest losing streak) in one pass."""
+    gp = 0.0
+    gl = 0.0
+    wins = 0
+    cur = 0
+    longest = 0
+    for v in pnl:
+        if v > 0.0:
+            gp += v
+            wins += 1
+        elif v < 0.0:
+            gl -= v
+        cur = cur + 1 if v < 0.0 else 0
+        if cur > longest:
+            longest = cur
+    return gp, gl, wins, longest
 
 
 def compute_metrics(equity: np.ndarray, day: np.ndarray, pnl: np.ndarray, r_mult: np.ndarray,
@@ -74,35 +120,21 @@ def compute_metrics(equity: np.ndarray, day: np.ndarray, pnl: np.ndarray, r_mult
     """All metrics plus ``score`` (see the module docstring). Plain floats/ints, ready for JSON."""
     n = int(equity.size)
     final = float(equity[-1]) if n else float(initial_equity)
-    peak = np.maximum.accumulate(np.concatenate([[initial_equity], equity]))
-    dd = float(np.max((peak - np.concatenate([[initial_equity], equity])) / peak)) * 100.0 if n else 0.0
-    daily = _daily_returns(equity, day, initial_equity)
-    sharpe = sortino = 0.0
-    if daily.size >= 2:
-        mu = float(daily.mean())
-        sd = float(daily.std(ddof=1))
-        if sd > 0:
-            sharpe = mu / sd * ANNUALISATION
-        down = float(np.sqrt(np.mean(np.minimum(daily, 0.0) ** 2)))
-        if down > 0:
-            sortino = mu / down * ANNUALISATION
-    wins = pnl[pnl > 0]
-    losses = pnl[pnl < 0]
-    gp, gl = float(wins.sum()), float(-losses.sum())
+    dd, mu, sd, down, n_days = _equity_stats(np.ascontiguousarray(equity, dtype=np.float64),
+                                             np.ascontiguousarray(day, dtype=np.int64), float(initial_equity))
+    sharpe = mu / sd * ANNUALISATION if n_days >= 2 and sd > 0 else 0.0
+    sortino = mu / down * ANNUALISATION if n_days >= 2 and down > 0 else 0.0
+    gp, gl, wins, longest = _trade_stats(np.ascontiguousarray(pnl, dtype=np.float64))
     pf = gp / gl if gl > 0 else (math.inf if gp > 0 else 0.0)
-    longest = cur = 0
-    for v in pnl:
-        cur = cur + 1 if v < 0 else 0
-        longest = max(longest, cur)
     exposure = float(np.sum(exit_bar - entry_bar + 1)) / n * 100.0 if n else 0.0
     m: dict[str, Any] = {
         "net_profit": final - float(initial_equity),
         "return_pct": (final / float(initial_equity) - 1.0) * 100.0,
-        "max_drawdown_pct": dd,
-        "sharpe": sharpe,
-        "sortino": sortino,
+        "max_drawdown_pct": float(dd),
+        "sharpe": float(sharpe),
+        "sortino": float(sortino),
         "profit_factor": pf,
-        "win_rate": float(wins.size / pnl.size) if pnl.size else 0.0,
+        "win_rate": float(wins / pnl.size) if pnl.size else 0.0,
         "trades": int(pnl.size),
         "avg_r": float(r_mult.mean()) if r_mult.size else 0.0,
         "exposure_pct": exposure,
