@@ -289,11 +289,12 @@ class FastRun:
 
 
 def run_arrays(arrays: MarketArrays, params: Params, start: int = 0, end: int | None = None, *,
-               memo_paths: bool = True, check: bool = True) -> FastRun:
+               memo_paths: bool = True, check: bool = True, copy: bool = True) -> FastRun:
     """Run the compiled kernel on bar positions ``[start, end)`` of prepared arrays with scalar ``params``.
 
     ``memo_paths`` reuses the position paths of earlier runs with the same path-relevant params (``nb.py``);
-    ``check=False`` skips the window validation (callers that validated the window once)."""
+    ``check=False`` skips the window validation (callers that validated the window once); ``copy=False`` returns
+    views into the shared output buffers (valid only until the next run on the same ``arrays``: score it first)."""
     if end is None:
         end = arrays.n
     if check:
@@ -311,11 +312,11 @@ def run_arrays(arrays: MarketArrays, params: Params, start: int = 0, end: int | 
         ws["t_entry"], ws["t_exit"], ws["t_side"], ws["t_size"], ws["t_entry_px"], ws["t_exit_px"], ws["t_stop"],
         ws["t_target"], ws["t_pnl"], ws["t_r"], ws["t_reason"], ws["t_mult"], ws["equity"], ws["trip_bar"],
         ws["trip_code"])
-    trades = {k[2:]: ws[k][:n_tr].copy() for k in ("t_entry", "t_exit", "t_side", "t_size", "t_entry_px",
-                                                    "t_exit_px", "t_stop", "t_target", "t_pnl", "t_r", "t_reason",
-                                                    "t_mult")}
-    return FastRun(start=start, end=end, params=params, trades=trades, equity=ws["equity"][start:end].copy(),
-                   trip_bar=ws["trip_bar"][:n_trips].copy(), trip_code=ws["trip_code"][:n_trips].copy(),
+    cp = (lambda a: a.copy()) if copy else (lambda a: a)  # noqa: E731
+    trades = {k[2:]: cp(ws[k][:n_tr]) for k in ("t_entry", "t_exit", "t_side", "t_size", "t_entry_px", "t_exit_px",
+                                                "t_stop", "t_target", "t_pnl", "t_r", "t_reason", "t_mult")}
+    return FastRun(start=start, end=end, params=params, trades=trades, equity=cp(ws["equity"][start:end]),
+                   trip_bar=cp(ws["trip_bar"][:n_trips]), trip_code=cp(ws["trip_code"][:n_trips]),
                    skipped_size=int(skipped))
 
 

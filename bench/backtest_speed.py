@@ -14,7 +14,10 @@ Fast-mode figures (after compilation; the one-off precompute of features and sig
 * ``sweep``: the moderate profile's whole grid (confidence x risk % x SL x TP multipliers x session sets) in a row,
   the workload of the config sweep: paths are reused only between trials with the same SL/TP multipliers.
 
-The headline ``fast_bars_per_s`` is the sweep throughput (bars simulated per second of wall time over all trials).
+The headline ``fast_bars_per_s`` is the sweep throughput with both models (bars simulated per second of wall time
+over all trials, metrics included). Also printed: the same sweep without the risk model (the risk model is evaluated
+at every entry decision, so its cost grows with trees x trades) and with the shipped breakers (trials that halt early
+are cheap).
 Step mode runs ``Trader.step`` (features from the bounded history window, predictor on one row) over 5,000 bars.
 Last line: ``fast_bars_per_s=<int> step_bars_per_s=<int>``.
 """
@@ -28,11 +31,13 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import itertools  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from collections import OrderedDict  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -133,22 +138,33 @@ def main() -> int:
     prof = cfg.profile
     grid = list(itertools.product(prof.confidence_threshold.grid(), prof.risk_percent.grid(),
                                   prof.sl_multiplier.grid(), prof.tp_multiplier.grid(), prof.session_sets))
-    arrays.clear_paths()
-    t0 = time.perf_counter()
-    for conf, risk, slm, tpm, sess in grid:
-        q = replace_params(p, confidence_threshold=conf, risk_percent=risk, sl_multiplier=slm, tp_multiplier=tpm,
-                           sessions=sess)
-        run_arrays(arrays, q, start).metrics(arrays, prof.min_trades)
-    t_sweep = time.perf_counter() - t0
-    sweep_rate = len(grid) * bars / t_sweep
-    print(f"sweep: {len(grid)} trials (moderate grid) incl. metrics in {t_sweep:.2f} s = "
-          f"{t_sweep / len(grid) * 1e3:.2f} ms/trial = {sweep_rate / 1e6:.1f} M bars/s")
 
+    def sweep(arr, base_params) -> tuple[float, int]:  # noqa: ANN001
+        arr.clear_paths()
+        trades = 0
+        t0 = time.perf_counter()
+        for conf, risk, slm, tpm, sess in grid:
+            q = replace_params(base_params, confidence_threshold=conf, risk_percent=risk, sl_multiplier=slm,
+                               tp_multiplier=tpm, sessions=sess)
+            r = run_arrays(arr, q, start, copy=False)
+            r.metrics(arr, prof.min_trades)
+            trades += r.n_trades
+        return time.perf_counter() - t0, trades
+
+    t_sweep, tr_sweep = sweep(arrays, p)
+    sweep_rate = len(grid) * bars / t_sweep
+    print(f"sweep, both models: {len(grid)} trials (moderate grid) incl. metrics in {t_sweep:.2f} s = "
+          f"{t_sweep / len(grid) * 1e3:.2f} ms/trial = {sweep_rate / 1e6:.1f} M bars/s "
+          f"(avg {tr_sweep / len(grid):,.0f} trades/trial)")
+    no_risk = dataclasses.replace(arrays, use_risk=False, _paths=OrderedDict(), _ws={})
+    t_nr, _ = sweep(no_risk, p)
+    print(f"sweep, position model only (no risk model): {t_nr / len(grid) * 1e3:.2f} ms/trial = "
+          f"{len(grid) * bars / t_nr / 1e6:.1f} M bars/s  [the risk model costs "
+          f"{(t_sweep - t_nr) / max(tr_sweep, 1) * 1e6:.2f} us per trade, {rm.n_trees} trees]")
     shipped = make_params(cfg)
-    r = run_arrays(arrays, shipped, start)
-    sh = timed(lambda: run_arrays(arrays, shipped, start), args.repeats)
-    print(f"(shipped config, halt at {shipped.max_drawdown_halt_pct:g} %: {r.n_trades} trades before the halt; "
-          f"{rate(sh) / 1e6:.1f} M bars/s - not the headline, the halted tail is trivial)")
+    t_sh, tr_sh = sweep(arrays, shipped)
+    print(f"sweep, shipped breakers (25 % halt): {t_sh / len(grid) * 1e3:.2f} ms/trial = "
+          f"{len(grid) * bars / t_sh / 1e6:.1f} M bars/s (avg {tr_sh / len(grid):,.0f} trades/trial before halts)")
 
     s0 = 1000
     s1 = min(s0 + args.step_bars, len(base))
