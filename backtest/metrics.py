@@ -159,10 +159,12 @@ class Floors:
 
     min_trades: int
     max_drawdown_pct: float
+    min_score: float | None = None  # the new score must be strictly above it (0: the OOS run must make money)
 
     @classmethod
     def from_profile(cls, profile: RiskProfile) -> Floors:
-        return cls(min_trades=int(profile.min_trades), max_drawdown_pct=float(profile.max_drawdown_pct))
+        return cls(min_trades=int(profile.min_trades), max_drawdown_pct=float(profile.max_drawdown_pct),
+                   min_score=float(profile.min_score))
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,9 @@ def gate(new: Mapping[str, Any], baseline: float | Mapping[str, Any] | None, flo
         return GateDecision(False, f"floor: max drawdown {dd:.2f}% > {floors.max_drawdown_pct:.2f}%", None)
     if not math.isfinite(s_new):
         return GateDecision(False, "new score is not finite", None)
+    if floors.min_score is not None and s_new <= floors.min_score:
+        return GateDecision(False, f"floor: score {s_new:.4f} <= min_score {floors.min_score:g} (a set that loses "
+                                   f"money on the OOS window is never deployed)", None)
     if baseline is None:
         return GateDecision(True, f"first run: floors met (score {s_new:.4f})", None)
     b = _score_of(baseline)

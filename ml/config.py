@@ -67,6 +67,7 @@ class RiskProfile(_Strict):
     session_sets: list[list[Session]] = Field(min_length=1)
     min_trades: Annotated[int, Field(ge=1)] = 30
     max_drawdown_pct: Annotated[float, Field(gt=0, le=100)] = 20.0
+    min_score: float = 0.0  # gate floor: the new set's OOS score must exceed it (0 = it must make money)
 
 
 class Trading(_Strict):

@@ -55,7 +55,7 @@ def test_gate_floors_apply_always(baseline: float | None) -> None:
 
 def test_gate_accepts_metrics_as_baseline_and_profile_floors() -> None:
     floors = Floors.from_profile(default_config().profile)
-    assert floors == Floors(min_trades=30, max_drawdown_pct=20.0)
+    assert floors == Floors(min_trades=30, max_drawdown_pct=20.0, min_score=0.0)
     assert gate(_m(2.0), _m(1.0), floors).passed
     assert not gate(_m(float("nan")), 1.0, floors).passed
 
@@ -123,3 +123,15 @@ def test_metrics_values() -> None:
     wins_only = compute_metrics(eq, day, np.array([5.0]), np.array([1.0]), np.array([0]), np.array([1]), 1000.0, 0,
                                 30)
     assert wins_only["profit_factor"] == math.inf and json_safe(wins_only)["profit_factor"] is None
+
+
+def test_gate_min_score_floor_blocks_losing_sets_even_on_first_run() -> None:
+    floors = Floors(min_trades=30, max_drawdown_pct=20.0, min_score=0.0)
+    losing = gate(_m(-0.5), None, floors)
+    assert not losing.passed and "min_score" in losing.reason
+    flat = gate(_m(0.0), None, floors)
+    assert not flat.passed  # strictly above the floor
+    assert gate(_m(0.01), None, floors).passed
+    # a losing baseline does not let a still-losing new set through
+    assert not gate(_m(-0.1), _m(-1.0), floors).passed
+    assert gate(_m(-0.1), _m(-1.0), Floors(30, 20.0)).passed  # without the floor: the 2% rule alone
