@@ -21,7 +21,7 @@ import optuna
 import pytest
 from _candles import real_btc as real_candles
 
-from ml.config import default_config, parse_config
+from ml.config import default_config, parse_config, with_trading
 from ml.dataset import Dataset, build_dataset
 from ml.errors import UserError
 from ml.tune import common
@@ -198,3 +198,51 @@ def test_oof_signal_proba_covers_only_fold_validation_bars(ds, cfg):
     assert np.allclose(oof.proba[inside].sum(axis=1), 1.0)
     assert np.array_equal(oof.p_long_short[inside], oof.proba[inside][:, [2, 0]])
     assert set(np.unique(oof.fold[inside]).tolist()) == set(range(len(ds.splits.folds)))
+
+
+# ----------------------------------------------------------------------------------------------- position study
+def test_position_folds_never_split_a_trade_and_are_purged():
+    from ml.tune.position import position_folds
+
+    # 90 trades of 3 rows each; trade t fills at bar 10t and exits at bar 10t + 4
+    groups = np.repeat(np.arange(90), 3)
+    fill = np.arange(90) * 10
+    exit_ = fill + 4
+    folds = position_folds(groups, fill, exit_, n_folds=2, embargo=8, min_trades=10)
+    assert len(folds) == 2
+    for tr, va in folds:
+        assert not set(groups[tr]) & set(groups[va])
+        first_val_fill = fill[groups[va]].min()
+        assert (exit_[groups[tr]] + 8 < first_val_fill).all()  # purged: no train outcome near the val start
+        assert groups[tr].max() < groups[va].min()  # walk-forward
+
+
+def test_position_study_on_out_of_fold_signal(ds, cfg, tmp_path):
+    from ml.tune.hyperparams import oof_signal_proba
+    from ml.tune.position import run_position_study
+
+    cfg = with_trading(cfg, confidence_threshold=0.4)  # the profile's lowest: more trades from 1400 bars
+    oof = oof_signal_proba(ds, cfg, n_jobs=1)
+    seen: list[np.ndarray] = []
+    res_dir = tmp_path / "results"
+    res = run_position_study(ds, cfg, res_dir, oof.p_long_short, n_trials=3, min_trades_per_fold=8,
+                             index_hook=lambda what, idx: seen.append(np.asarray(idx).copy()))
+    assert res.study.user_attrs["rows"]["n_trades"] >= 24
+    assert seen and all(a.max() < ds.splits.oos_start for a in seen)
+    assert max(int(a.max()) for a in seen) <= int(oof.positions.max()) + ds.splits.embargo
+    assert len(res.study.trials) == 3
+    for t in res.study.trials:
+        assert sorted(t.intermediate_values) == list(range(res.study.user_attrs["n_folds"]))  # reported per fold
+        f0 = t.user_attrs["fold0"]
+        assert 0.0 <= f0["accuracy"] <= 1.0 and 0.0 <= f0["exit_precision"] <= 1.0
+    doc = json.loads((res_dir / "best_params_position.json").read_text())
+    assert doc["model_params"]["num_boost_round"] == 300 and "learning_rate" in doc["model_params"]
+    assert common.load_best_params(res_dir, "position") == doc["model_params"]
+    assert (res_dir / "optuna_study_position.pkl").exists()
+    assert (res_dir / "optuna_history_position.png").exists()
+
+    # probabilities that reach into the OOS window are refused before anything is simulated
+    leaky = oof.p_long_short.copy()
+    leaky[ds.splits.oos_start] = [0.9, 0.0]
+    with pytest.raises(OOSLeakError):
+        run_position_study(ds, cfg, res_dir, leaky, n_trials=1, study_name="leaky", min_trades_per_fold=8)

@@ -220,7 +220,7 @@ def make_objective(ds: Dataset, cfg: Config, n_threads: int = 1, index_hook: Ind
         trial.set_user_attr("pid", os.getpid())
 
         def fold(k: int, tr: np.ndarray, va: np.ndarray) -> tuple[float, dict[str, Any]]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             tr = guard_indices(_train_rows(ds, tr), oos_start, f"fold {k} train")
             s, e = bar_range(va)
             bars = guard_indices(np.arange(s, e), oos_start, f"fold {k} backtest bars")
@@ -235,7 +235,8 @@ def make_objective(ds: Dataset, cfg: Config, n_threads: int = 1, index_hook: Ind
             rounds = {name: rounds_used(m) for name, m in models.items() if name != "rf"}
             return value, {"f1": round(f1, 5), "max_dd_pct": round(res["max_drawdown_pct"], 3),
                            "trades": res["trades"], "return_pct": round(res["return_pct"], 3), "rounds": rounds,
-                           "n_train": int(tr.size), "n_val": int(va.size), "s": round(time.perf_counter() - t0, 2)}
+                           "n_train": int(tr.size), "n_val": int(va.size), "s": round(time.perf_counter() - t0, 2),
+                           "cpu_s": round(time.thread_time() - c0, 2)}  # this thread's CPU: load-independent cost
 
         return common.run_folds(trial, ds.splits.folds, fold, oos_start)
 

@@ -164,15 +164,17 @@ def run_position_study(ds: Dataset, cfg: Config, results_dir: Path, p_long_short
                        n_trials: int | None = None, timeout: float | None = None, storage: str | None = None,
                        study_name: str | None = None, n_jobs: int | None = None, *,
                        positions: np.ndarray | None = None, top_up: bool = False, worker: int = 0,
-                       index_hook: IndexHook | None = None) -> StudyResult:
+                       min_trades_per_fold: int = MIN_TRADES_PER_FOLD, index_hook: IndexHook | None = None
+                       ) -> StudyResult:
     """Run (or continue) the position study on the signal probabilities ``p_long_short`` and write its artefacts.
 
     ``p_long_short`` is ``(n_bars, 2)`` ``[p_long, p_short]`` on the training window, e.g.
     ``oof_signal_proba(ds, cfg, params).p_long_short`` (NaN = no signal). ``positions`` are the bars on which a
     position may be opened (default: where the probabilities are finite); all of them, and every bar the simulated
     trades read, must lie before the OOS window. ``n_trials`` defaults to ``cfg.tuning.position_trials``; the other
-    options are those of :func:`ml.tune.hyperparams.run_signal_study`. The position model trains single-threaded
-    (bit-reproducible), so ``n_jobs=2`` parallel trials is how this study uses two cores.
+    options are those of :func:`ml.tune.hyperparams.run_signal_study`; a fold needs ``min_trades_per_fold`` trades on
+    each side (fewer is a :class:`UserError`: the pipeline then keeps the default parameters). The position model
+    trains single-threaded (bit-reproducible), so ``n_jobs=2`` parallel trials is how this study uses two cores.
     """
     from ml.models.position import position_rows
 
@@ -196,13 +198,13 @@ def run_position_study(ds: Dataset, cfg: Config, results_dir: Path, p_long_short
         guard_indices(rows.trades.exit_bar, oos_start, "simulated trade exits")
         guard_indices(rows.bars + 1, oos_start, "position rows")
     folds = position_folds(rows.groups, rows.trades.fill_bar, rows.trades.exit_bar, cfg.splits.n_folds,
-                           int(ds.splits.embargo))
+                           int(ds.splits.embargo), min_trades=min_trades_per_fold)
     stats = rows.stats()
     log.info("position rows: %d trades, %d rows, exit share %.3f, %d fold(s), built in %.1fs", stats["n_trades"],
              stats["n_rows"], stats["exit_share"], len(folds), time.perf_counter() - t0)
     if not folds:
         raise UserError(f"position study: {stats['n_trades']} simulated trades are too few for {cfg.splits.n_folds} "
-                        f"purged folds of >= {MIN_TRADES_PER_FOLD} trades (more history, or a lower "
+                        f"purged folds of >= {min_trades_per_fold} trades (more history, or a lower "
                         "trading.confidence_threshold)")
 
     version = f"{SPACE_VERSION}:{_pls_hash(pls, positions)}"
