@@ -462,6 +462,7 @@ def load_cli_inputs(args: argparse.Namespace) -> tuple[Config, Dataset, Path]:
     from ml.paths import Paths
 
     paths = Paths.of(args.root)
+    resolve_storage(args.storage, paths.results)  # a malformed --storage fails before any expensive work
     cfg = load_config(paths.config)
     if args.seed is not None:
         raw = cfg.model_dump(mode="json")
