@@ -353,8 +353,17 @@ def secrets(names: Iterable[str] = SECRET_NAMES) -> dict[str, str]:
 
 
 def redact(text: str) -> str:
-    """Replace every secret value that occurs in ``text`` by ``***`` (for logs and reports)."""
+    """Replace every secret value that occurs in ``text`` by ``***`` (for logs and reports).
+
+    Numeric secrets (an MT5 login, a Telegram chat id) are replaced only where they stand alone, never inside a
+    longer number (``4242`` must not turn ``0.42421`` into ``0.***1``)."""
+    import re
+
     for value in secrets().values():
-        if len(value) >= 4:
+        if len(value) < 4:
+            continue
+        if value.isdigit():
+            text = re.sub(rf"(?<![\d.]){re.escape(value)}(?![\d.])", "***", text)
+        else:
             text = text.replace(value, "***")
     return text

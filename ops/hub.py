@@ -358,8 +358,16 @@ class HubRegistry(Registry):
             self._api.create_tag(self.repo_id, tag=tag, revision=commit_id, tag_message=summary, repo_type="model")
 
     def tags(self) -> list[str]:
-        refs = self._call("list tags", lambda: self._api.list_repo_refs(self.repo_id, repo_type="model"))
-        return sorted(t.name for t in refs.tags)
+        """All tags; a repo that does not exist yet (first push) has none."""
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        def refs() -> list[str]:
+            try:
+                return sorted(t.name for t in self._api.list_repo_refs(self.repo_id, repo_type="model").tags)
+            except RepositoryNotFoundError:
+                return []
+
+        return self._call("list tags", refs)
 
     def fetch(self, tag: str, dest: Path) -> Path:
         from huggingface_hub import snapshot_download

@@ -69,11 +69,21 @@ class RunReport:
 
     def save(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        text = redact(json.dumps(self.data, indent=2, default=str))
+        text = json.dumps(_redacted(self.data), indent=2, default=str)  # string leaves only: JSON stays valid
         tmp = self.run_dir / "report.json.tmp"
         tmp.write_text(text)
         os.replace(tmp, self.run_dir / "report.json")
         (self.run_dir / "report.md").write_text(redact(render_markdown(self.data)))
+
+
+def _redacted(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {k: _redacted(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_redacted(v) for v in obj]
+    return obj
 
 
 def _metrics_rows(label: str, m: dict[str, Any] | None) -> str:
