@@ -97,6 +97,23 @@ class RunContext:
             self._cache["run_cfg"] = parse_config(raw, "run config")
         return self._cache["run_cfg"]
 
+    @property
+    def entry_cfg(self) -> Config:
+        """The run config with the entry threshold at the profile's minimum: the position and SL/TP models learn
+        from every position the sweep could open (it may choose any threshold inside the profile's bounds), and at
+        the active threshold there are often too few simulated trades to learn exits from."""
+        if "entry_cfg" not in self._cache:
+            raw = self.run_cfg.model_dump(mode="json")
+            raw["trading"]["confidence_threshold"] = self.run_cfg.profile.confidence_threshold.min
+            self._cache["entry_cfg"] = parse_config(raw, "run config (entry threshold)")
+        return self._cache["entry_cfg"]
+
+    def pruner(self) -> Any:
+        """None = the studies' default median pruner; ``tuning.pruning = false`` = no pruning (the reference)."""
+        import optuna
+
+        return None if self.run_cfg.tuning.pruning else optuna.pruners.NopPruner()
+
     def dataset(self) -> Dataset:
         if "ds" not in self._cache:
             folder = self.run_dir / "dataset"
@@ -308,7 +325,8 @@ def phase_signal_study(ctx: RunContext, s: dict[str, Any]) -> None:
     cfg = ctx.run_cfg
     res = run_signal_study(ctx.dataset(), cfg, ctx.run_dir, n_trials=cfg.tuning.signal_trials,
                            timeout=cfg.tuning.timeout_s, storage=ctx.options.storage,
-                           study_name=f"signal-{ctx.run_id}", n_jobs=cfg.tuning.n_jobs, top_up=True)
+                           study_name=f"signal-{ctx.run_id}", n_jobs=cfg.tuning.n_jobs, top_up=True,
+                           pruner=ctx.pruner())
     _publish_study(ctx, "signal", res, s)
 
 
@@ -333,13 +351,13 @@ def phase_position_study(ctx: RunContext, s: dict[str, Any]) -> None:
     from ml.tune.hyperparams import oof_signal_proba
     from ml.tune.position import run_position_study
 
-    cfg = ctx.run_cfg
+    cfg = ctx.entry_cfg
     ds = ctx.dataset()
     oof = oof_signal_proba(ds, cfg, load_best_params(ctx.run_dir, "signal"))
     try:
         res = run_position_study(ds, cfg, ctx.run_dir, oof.p_long_short, n_trials=cfg.tuning.position_trials,
                                  timeout=cfg.tuning.timeout_s, storage=ctx.options.storage,
-                                 study_name=f"position-{ctx.run_id}", top_up=True)
+                                 study_name=f"position-{ctx.run_id}", top_up=True, pruner=ctx.pruner())
     except UserError as exc:
         # Too few simulated trades for purged folds is a property of this week's data, not a broken run: the
         # position model is then trained with its default parameters, and the report says so.
@@ -375,7 +393,7 @@ def phase_position_model(ctx: RunContext, s: dict[str, Any]) -> None:
     from ml.models.position import train_position
     from ml.tune.common import load_best_params
 
-    ds, cfg = ctx.dataset(), ctx.run_cfg
+    ds, cfg = ctx.dataset(), ctx.entry_cfg
     tuned = ctx.run_dir / "best_params_position.json"
     params = load_best_params(ctx.run_dir, "position") if tuned.exists() else None
     model, metrics = train_position(ds, cfg, ctx.staging, params=params)
@@ -388,7 +406,7 @@ def phase_sltp_models(ctx: RunContext, s: dict[str, Any]) -> None:
     """Retrain the LightGBM SL/TP regressors; need the staged signal and position models."""
     from ml.models.sltp import train_sltp
 
-    ds, cfg = ctx.dataset(), ctx.run_cfg
+    ds, cfg = ctx.dataset(), ctx.entry_cfg
     model, metrics = train_sltp(ds, cfg, ctx.staging)
     _save(ctx.staging, "sl_tp", model, ds, feature_names=ds.feature_names, params=getattr(model, "params", None),
           metrics=metrics, kind="sl_tp", seed=cfg.tuning.seed)

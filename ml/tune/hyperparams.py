@@ -11,10 +11,11 @@ Objective of one trial (maximised)::
   the trial's parameters on the fold's training positions, the boosters stop early on the purged last 15 % of those
   positions (``n_estimators`` is only a cap) and each model is calibrated on that same later tail. The validation
   block is used for nothing but the score;
-* F1 is the macro F1 of the raw ensemble's argmax on the fold's validation samples (the samples the models would be
-  trained on: label-valid bars, CUSUM events when configured): it measures the discrimination the hyperparameters
-  control. Measured: argmax after isotonic calibration on a fold's small tail loses ~0.04 F1 on the first fold
-  and only adds noise to the ranking of trials;
+* F1 is the macro F1 of the raw ensemble's argmax on every label-valid bar of the fold's validation block (all
+  bars, also when training uses CUSUM events only: the live bot decides on every bar, and the objective stays
+  comparable between sampling settings, which the performance benchmark's quality check relies on): it measures
+  the discrimination the hyperparameters control. Measured: argmax after isotonic calibration on a fold's small
+  tail loses ~0.04 F1 on the first fold and only adds noise to the ranking of trials;
 * the drawdown comes from the compiled fast backtest (:func:`backtest.engine.run_arrays`) of the *calibrated*
   ensemble's (p_long, p_short) over *every* bar of the validation block's range, with the active trading parameters
   of config.json and the fixed ATR stops (no SL/TP, position or risk model exists at this stage): it trades the way
@@ -54,6 +55,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
+from optuna.pruners import BasePruner  # noqa: E402
 
 from ml.config import Config  # noqa: E402
 from ml.dataset import Dataset  # noqa: E402
@@ -264,6 +266,7 @@ def make_objective(ds: Dataset, cfg: Config, n_threads: int = 1, index_hook: Ind
     from ml.models.signal import ensemble_proba, p_long_short, signal_metrics
 
     X, y = ds.X, ds.y
+    valid = ds.labels["valid"].to_numpy(bool)
     seed = int(cfg.tuning.seed)
     oos_start = int(ds.splits.oos_start)
     bt = backtester or FoldBacktester(ds, cfg)
@@ -282,7 +285,8 @@ def make_objective(ds: Dataset, cfg: Config, n_threads: int = 1, index_hook: Ind
             hook("val", va)
             hook("bars", bars)
             raw, cal, info = fit_fold_models(ds, tr, params, seed, n_jobs=n_threads, calibrate=calibrate)
-            f1 = signal_metrics(y[va], ensemble_proba(raw, X[va]))["f1_macro"]
+            scored = bars[valid[s:e]]  # every label-valid bar of the block, whatever the training sampling
+            f1 = signal_metrics(y[scored], ensemble_proba(raw, X[scored]))["f1_macro"]
             res = bt.run(s, e, p_long_short(ensemble_proba(cal, X[s:e])))
             value = f1 * max(0.0, 1.0 - res["max_drawdown_pct"] / 100.0)
             return value, {"f1": round(f1, 5), "max_dd_pct": round(res["max_drawdown_pct"], 3),
@@ -299,7 +303,8 @@ def make_objective(ds: Dataset, cfg: Config, n_threads: int = 1, index_hook: Ind
 def run_signal_study(ds: Dataset, cfg: Config, results_dir: Path, n_trials: int | None = None,
                      timeout: float | None = None, storage: str | None = None, study_name: str | None = None,
                      n_jobs: int | None = None, *, threads: int = common.DEFAULT_THREADS, top_up: bool = False,
-                     worker: int = 0, index_hook: IndexHook | None = None) -> StudyResult:
+                     worker: int = 0, pruner: BasePruner | None = None, index_hook: IndexHook | None = None
+                     ) -> StudyResult:
     """Run (or continue) the signal study and write its artefacts under ``results_dir``.
 
     ``n_trials`` defaults to ``cfg.tuning.signal_trials``, ``timeout`` to ``cfg.tuning.timeout_s``, ``n_jobs``
@@ -307,7 +312,8 @@ def run_signal_study(ds: Dataset, cfg: Config, results_dir: Path, n_trials: int 
     threads (default 1, see :data:`ml.tune.common.DEFAULT_THREADS`: use ``n_jobs=2`` for two cores). ``storage``
     defaults to ``sqlite:///<results_dir>/optuna.db`` and ``study_name`` to one derived from the data
     (:func:`ml.tune.common.default_study_name`). Resuming: see :mod:`ml.tune.common` (``top_up=False`` adds
-    ``n_trials`` trials; ``top_up=True`` runs only the missing ones).
+    ``n_trials`` trials; ``top_up=True`` runs only the missing ones). ``pruner`` replaces the default median pruner
+    (``optuna.pruners.NopPruner()`` is the slow reference a benchmark compares against).
     """
     results_dir = Path(results_dir)
     n_trials = int(n_trials if n_trials is not None else cfg.tuning.signal_trials)
@@ -316,7 +322,7 @@ def run_signal_study(ds: Dataset, cfg: Config, results_dir: Path, n_trials: int 
     url = common.resolve_storage(storage, results_dir)
     name = study_name or common.default_study_name(KIND, ds, cfg, SPACE_VERSION)
     fp = common.fingerprint(ds, cfg, SPACE_VERSION)
-    study = common.create_or_load_study(name, url, cfg.tuning.seed, worker=worker, user_attrs={
+    study = common.create_or_load_study(name, url, cfg.tuning.seed, pruner=pruner, worker=worker, user_attrs={
         "kind": KIND, "fingerprint": fp, "space_version": SPACE_VERSION, "objective": "mean_k F1_macro x (1 - maxDD)",
         "n_folds": len(ds.splits.folds), "oos_start": int(ds.splits.oos_start)})
     objective = make_objective(ds, cfg, n_threads=threads, index_hook=index_hook)
