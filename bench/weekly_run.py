@@ -42,7 +42,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ml.config import config_to_json, default_config, parse_config  # noqa: E402
+from ml.config import config_to_json, load_config, parse_config  # noqa: E402
 
 REAL = REPO.parent / "shared" / "data" / "BTCUSDT_15m_2023_2024.csv"
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -74,7 +74,7 @@ def _tree_rss(root_pid: int) -> int:
 
 def _config(profile: str = "moderate", *, demo_bars: int | None = None, reference: bool = False,
             trials: tuple[int, int] | None = None) -> str:
-    raw = default_config().model_dump(mode="json")
+    raw = load_config(REPO / "config.json").model_dump(mode="json")  # the shipped (fast) configuration
     raw["risk_profile"] = profile
     if demo_bars:
         raw["data"]["demo_bars"] = demo_bars
@@ -160,7 +160,7 @@ def main() -> int:
     trials = tuple(args.trials) if args.trials else None
     tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="weekly-bench-"))
     print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; {time.strftime('%Y-%m-%d %H:%M')}")
-    cfg = default_config()
+    cfg = load_config(REPO / "config.json")
     t = trials or (cfg.tuning.signal_trials, cfg.tuning.position_trials)
     grid = 1
     for b in (cfg.profile.confidence_threshold, cfg.profile.risk_percent, cfg.profile.sl_multiplier,
