@@ -41,6 +41,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
+from optuna.pruners import BasePruner  # noqa: E402
 
 from ml.config import Config  # noqa: E402
 from ml.dataset import Dataset  # noqa: E402
@@ -164,8 +165,8 @@ def run_position_study(ds: Dataset, cfg: Config, results_dir: Path, p_long_short
                        n_trials: int | None = None, timeout: float | None = None, storage: str | None = None,
                        study_name: str | None = None, n_jobs: int | None = None, *,
                        positions: np.ndarray | None = None, top_up: bool = False, worker: int = 0,
-                       min_trades_per_fold: int = MIN_TRADES_PER_FOLD, index_hook: IndexHook | None = None
-                       ) -> StudyResult:
+                       min_trades_per_fold: int = MIN_TRADES_PER_FOLD, pruner: BasePruner | None = None,
+                       index_hook: IndexHook | None = None) -> StudyResult:
     """Run (or continue) the position study on the signal probabilities ``p_long_short`` and write its artefacts.
 
     ``p_long_short`` is ``(n_bars, 2)`` ``[p_long, p_short]`` on the training window, e.g.
@@ -210,7 +211,7 @@ def run_position_study(ds: Dataset, cfg: Config, results_dir: Path, p_long_short
     version = f"{SPACE_VERSION}:{_pls_hash(pls, positions)}"
     url = common.resolve_storage(storage, results_dir)
     name = study_name or common.default_study_name(KIND, ds, cfg, version)
-    study = common.create_or_load_study(name, url, cfg.tuning.seed, worker=worker, user_attrs={
+    study = common.create_or_load_study(name, url, cfg.tuning.seed, pruner=pruner, worker=worker, user_attrs={
         "kind": KIND, "fingerprint": common.fingerprint(ds, cfg, version), "space_version": SPACE_VERSION,
         "objective": "mean_k accuracy x exit_precision @ trading.exit_threshold", "n_folds": len(folds),
         "rows": stats, "oos_start": oos_start})
