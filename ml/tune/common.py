@@ -16,7 +16,8 @@ Why a module of its own: the signal study (:mod:`ml.tune.hyperparams`) and the p
   data. Loading a study whose recorded fingerprint differs is refused.
 * **Seeded.** The TPE sampler's seed is derived from ``(seed, trials already in the study, worker)``: a fresh study
   with the same seed proposes the same parameter sequence, while a resumed study (or a second worker) does not replay
-  the first trials' random start-up parameters.
+  the first trials' random start-up parameters. Exact repetition needs ``n_jobs=1`` and one worker: parallel trials
+  finish in a timing-dependent order, which TPE then sees.
 * **The OOS window is never seen.** Every index an objective touches goes through :func:`guard_indices`, which raises
   :class:`OOSLeakError` (not a ``UserError``: a leak is a bug, never a bad input) when one reaches ``oos_start``.
 * **Artefacts.** ``results/optuna_study.pkl`` (signal study; the seed project's file, a joblib dump of the study copied
