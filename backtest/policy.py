@@ -71,9 +71,7 @@ State features (inputs of the position and risk models; name lists below, values
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -81,6 +79,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numba import njit
 
+from backtest.numba_cache import purge_stale_cache
 from backtest.trees import CompiledTrees, predict
 from ml.config import SESSIONS, Config
 
@@ -601,35 +600,11 @@ class State:
 
 # ---------------------------------------------------------------------------------------------- numba cache
 def _purge_stale_numba_cache() -> None:
-    """Drop cached machine code of this package when trees.py, policy.py or nb.py changed.
-
-    Why: numba's ``cache=True`` keys each cached function on its *own* source file only, but the kernel in nb.py
-    and the functions here inline code from policy.py and trees.py. Without this, an edited rule would keep running
-    as the old compiled kernel while the step driver runs the new one. Runs at import, before anything compiles."""
+    """Drop cached machine code of this package when trees.py, policy.py or nb.py changed (the kernel in nb.py and
+    the functions here inline code from policy.py and trees.py; see :mod:`backtest.numba_cache`)."""
     here = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for name in ("trees.py", "policy.py", "nb.py"):
-        f = here / name
-        if f.exists():
-            digest.update(f.read_bytes())
-    h = digest.hexdigest()[:16]
-    try:
-        cache_dir = Path(session_code._cache._cache_path)  # where numba writes this package's cache
-    except AttributeError:
-        cache_dir = here / "__pycache__"
-    stamp = cache_dir / "backtest_numba_deps.sha"
-    try:
-        if stamp.exists() and stamp.read_text() == h:
-            return
-        for f in cache_dir.glob("*.nb[ic]"):
-            if f.name.startswith(("nb.", "policy.", "trees.")):
-                f.unlink(missing_ok=True)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = stamp.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(h)
-        os.replace(tmp, stamp)
-    except OSError:
-        pass  # read-only install: numba then uses its own user cache dir; nothing to purge here
+    purge_stale_cache(session_code, [here / n for n in ("trees.py", "policy.py", "nb.py")],
+                      ("nb.", "policy.", "trees."), "backtest_numba_deps.sha")
 
 
 _purge_stale_numba_cache()

@@ -505,40 +505,16 @@ def train_position(ds: Any, cfg: Config | None, models_dir_with_signal: Path | s
 
 # ============================================================================================== numba cache
 def _purge_stale_numba_cache() -> None:
-    """Drop this package's cached machine code when the backtest rules it inlines (or these modules) changed.
-
-    Why: numba's ``cache=True`` keys a cached function on its *own* source file only, but the simulations here inline
-    :mod:`backtest.policy`, :mod:`backtest.nb` and :mod:`backtest.trees`. Without this, an edited trading rule would
-    keep running here as old compiled code while the backtester runs the new one, and training would silently drift
-    from the backtest. Same scheme as ``backtest.policy``'s own purge; runs at import, before anything compiles."""
-    import hashlib
-    import os
+    """Drop this package's cached machine code when the backtest rules it inlines (or these modules) changed, so
+    training never drifts from the backtest (see :mod:`backtest.numba_cache`)."""
+    from backtest.numba_cache import purge_stale_cache
 
     here = Path(__file__).resolve().parent
     backtest_dir = here.parent.parent / "backtest"
-    digest = hashlib.sha256()
-    for f in (*(backtest_dir / n for n in ("trees.py", "policy.py", "nb.py")),
-              *(here / n for n in ("position.py", "sltp.py", "risk.py"))):
-        if f.exists():
-            digest.update(f.read_bytes())
-    h = digest.hexdigest()[:16]
-    try:
-        cache_dir = Path(_simulate_positions._cache._cache_path)
-    except AttributeError:
-        cache_dir = here / "__pycache__"
-    stamp = cache_dir / "models_numba_deps.sha"
-    try:
-        if stamp.exists() and stamp.read_text() == h:
-            return
-        for f in cache_dir.glob("*.nb[ic]"):
-            if f.name.startswith(("position.", "sltp.", "risk.")):
-                f.unlink(missing_ok=True)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = stamp.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(h)
-        os.replace(tmp, stamp)
-    except OSError:
-        pass  # read-only install: numba uses its own user cache dir; nothing to purge here
+    purge_stale_cache(_simulate_positions,
+                      [*(backtest_dir / n for n in ("trees.py", "policy.py", "nb.py")),
+                       *(here / n for n in ("position.py", "sltp.py", "risk.py"))],
+                      ("position.", "sltp.", "risk."), "models_numba_deps.sha")
 
 
 _purge_stale_numba_cache()
