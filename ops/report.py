@@ -149,8 +149,10 @@ def render_markdown(d: dict[str, Any]) -> str:
         if o and o.get("skipped"):
             lines.append(f"## {title}\n\nskipped: {o['skipped']}\n")
         elif o:
+            kind = key.split("_", 1)[1]
             lines.append(f"## {title}\n\n{o.get('n_trials')} trials ({o.get('n_pruned', 0)} pruned), best value "
                          f"{_fmt(o.get('best_value'))}, best params `{json.dumps(o.get('best_params'))}`\n")
+            lines.append(f"![optuna {kind}](optuna_history_{kind}.png)\n")
     shp = d.get("shap")
     if shp:
         lines.append("## SHAP (report only: nothing is dropped automatically)\n")
