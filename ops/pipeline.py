@@ -339,9 +339,11 @@ def _publish_study(ctx: RunContext, kind: str, res: Any, s: dict[str, Any]) -> N
             "best_params": res.best_params,
             "mean_trial_s": float(np.mean(res.per_trial_seconds)) if res.per_trial_seconds else None}
     s.update(info)
-    # the seed project's location: results/optuna_study.pkl (+ the position study beside it)
-    for f in ctx.run_dir.glob("optuna_study*.pkl"):
-        shutil.copy2(f, ctx.paths.results / f.name)
+    # the seed project's location: results/optuna_study.pkl (+ the position study beside it), and the latest tuned
+    # parameters where the per-model retrain scripts look for them by default
+    for f in [*ctx.run_dir.glob("optuna_study*.pkl"), ctx.run_dir / f"best_params_{kind}.json"]:
+        if f.exists():
+            shutil.copy2(f, ctx.paths.results / f.name)
     ctx.report.set(f"optuna_{kind}", info)
 
 
