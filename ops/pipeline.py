@@ -231,20 +231,31 @@ def _source_name(cfg: Config) -> str:
 
 def phase_data(ctx: RunContext, s: dict[str, Any]) -> None:
     """MT5 connectivity check + candle refresh (or the file / demo source); validated, stored atomically."""
-    from ml.data import refresh
+    from ml.data import refresh, resolve_source
+    from ml.data.store import read_store, store_path
+    from ml.data.validate import trim_history, validate
 
-    res = refresh(ctx.run_cfg, ctx.paths, ctx.options.data, ctx.options.demo)
-    rep = res.report
-    f = res.frame
-    info = {"source": res.source + (" (DEMO)" if res.is_demo else ""), "rows": int(len(f)),
-            "start": str(f.index[0]), "end": str(f.index[-1]), "new_bars": res.new_bars,
+    cfg, opts = ctx.run_cfg, ctx.options
+    real_store = store_path(ctx.paths, cfg)
+    if (opts.data is None and not opts.demo and cfg.data.source == "auto" and resolve_source(cfg) == "demo"
+            and real_store.exists()):
+        # No live source configured, but real history was imported (refresh_data.py --data FILE): use it rather
+        # than the demo; there is nothing to refresh it from.
+        stored = read_store(real_store)
+        f, rep = trim_history(*validate(stored, cfg, str(real_store)), cfg)
+        source, new_bars, is_demo = f"store {real_store.name} (no live source configured)", 0, False
+    else:
+        res = refresh(cfg, ctx.paths, opts.data, opts.demo)
+        rep, f, source, new_bars, is_demo = res.report, res.frame, res.source, res.new_bars, res.is_demo
+    info = {"source": source + (" (DEMO)" if is_demo else ""), "rows": int(len(f)),
+            "start": str(f.index[0]), "end": str(f.index[-1]), "new_bars": new_bars,
             "gaps": [{"start": str(g.start), "minutes": g.minutes} for g in getattr(rep, "gaps", [])],
             "spikes": int(getattr(rep, "spikes", 0) if not isinstance(getattr(rep, "spikes", 0), list)
                           else len(rep.spikes)),
-            "demo": res.is_demo}
+            "demo": is_demo}
     s.update(info)
     ctx.report.set("data", info)
-    ctx.report.data["demo"] = res.is_demo
+    ctx.report.data["demo"] = is_demo
     f.to_parquet(ctx.run_dir / "candles.parquet")
 
 
