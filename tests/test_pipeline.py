@@ -46,15 +46,15 @@ def small_config(min_trades: int = 1, max_dd: float = 100.0) -> str:
     return config_to_json(parse_config(raw))
 
 
-def run_job(root: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 600
+def run_job(root: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 600, demo: bool = True
             ) -> subprocess.CompletedProcess[str]:
     e = {**os.environ, "PYTHONHASHSEED": "0", **(env or {})}
     for k in ("HF_TOKEN", "TELEGRAM_TOKEN", "TELEGRAM_CHAT_ID", "MT5_LOGIN", "WEEKLY_CRASH_AT",
               deploy.CRASH_ENV):
         if k not in (env or {}):
             e.pop(k, None)
-    return subprocess.run([sys.executable, str(SCRIPT), "--root", str(root), "--demo", *args], env=e,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, str(SCRIPT), "--root", str(root), *(["--demo"] if demo else []), *args],
+                          env=e, capture_output=True, text=True, timeout=timeout)
 
 
 def state(root: Path) -> dict[str, str]:
@@ -196,3 +196,20 @@ def test_sigkill_at_every_boundary_then_resume(tmp_path: Path) -> None:
     # and a later run starts cleanly on the last case
     r = run_job(case, "--phases", "1-3")
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_imported_real_history_is_used_when_no_live_source_is_configured(tmp_path: Path) -> None:
+    """refresh_data.py --data FILE, then the weekly job without --data/--demo trains on that history, not the demo."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "config.json").write_text(small_config())
+    real = REPO.parent / "shared" / "data" / "BTCUSDT_15m_2023_2024.csv"
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "refresh_data.py"), "--root", str(root), "--data",
+                        str(real)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = run_job(root, "--phases", "1-3", demo=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rep = _last_report(root)
+    assert rep["demo"] is False
+    assert rep["data"]["source"].startswith("store BTCUSD_M15.parquet")
+    assert rep["data"]["end"].startswith("2024-12-31 23:45")
