@@ -35,8 +35,8 @@ from backtest.policy import (
 )
 from backtest.predictor import Predictor, predictor_name
 from backtest.trees import CompiledTrees, empty_trees
-from ml.config import Config
-from ml.errors import UserError
+from core.config import Config
+from core.errors import UserError
 
 CANDLE_COLUMNS = ("open", "high", "low", "close", "spread")
 TRADE_COLUMNS = ["entry_bar", "exit_bar", "entry_time", "exit_time", "side", "size", "entry_price", "exit_price",
@@ -200,7 +200,7 @@ def prepare_arrays(candles: pd.DataFrame, features: pd.DataFrame | None, predict
     _check_candles(candles)
     names = list(predictor.feature_names)
     if features is None:
-        from ml.features import build_features
+        from market.features import build_features
 
         features = build_features(candles, cfg)
     if len(features) != len(candles) or not features.index.equals(candles.index):

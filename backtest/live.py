@@ -1,7 +1,7 @@
 """The Trader: the trading loop the live bot runs, bar by bar; the step-mode backtest drives the very same object.
 
 At each bar close the Trader (1) computes the features from a bounded window of history with
-``ml.features.build_features`` (the one feature code), (2) calls the predictor on that one row, and (3) applies the
+``market.features.build_features`` (the one feature code), (2) calls the predictor on that one row, and (3) applies the
 rules of :mod:`backtest.policy` to its :class:`~backtest.policy.State`. The rules are the compiled functions the
 fast kernel calls, so the live loop, the step backtest and the fast backtest cannot disagree about a rule; the
 parity test checks that they agree trade for trade.
@@ -42,8 +42,8 @@ from backtest.policy import (
 )
 from backtest.predictor import Predictor
 from backtest.trees import CompiledTrees, empty_trees
-from ml.config import Config
-from ml.features import WARMUP_BARS, build_features
+from core.config import Config
+from market.features import WARMUP_BARS, build_features
 
 HISTORY_BARS = WARMUP_BARS + VOL_REGIME_BARS + 16  # features' warm-up + the vol-regime median + margin
 

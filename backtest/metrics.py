@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from ml.config import RiskProfile
+from core.config import RiskProfile
 
 DD_FLOOR_PCT = 1.0
 ANNUALISATION = math.sqrt(365.0)

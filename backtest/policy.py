@@ -15,7 +15,7 @@ Entry
   R3. Side: long when ``p_long >= confidence_threshold`` and ``p_long >= p_short``; short when
       ``p_short >= confidence_threshold`` and ``p_short > p_long`` (the larger wins; a tie goes long); NaN = no trade.
   R4. Filters, all required: not halted, ``t >= cooldown_until``, the daily-loss breaker not tripped today, the
-      session allowed (the decision hour lies in one of ``trading.sessions``, see :data:`ml.config.SESSIONS`), the
+      session allowed (the decision hour lies in one of ``trading.sessions``, see :data:`core.config.SESSIONS`), the
       decision bar's spread ``<= breakers.max_spread_points``, ``atr > 0`` and finite stop/target distances.
   R5. Fill at the open of bar ``t + 1``, paying half the spread of the fill bar plus slippage:
       ``entry = open[t+1] + side * (spread[t+1] / 2 + slippage_points) * point``.
@@ -81,7 +81,7 @@ from numba import njit
 
 from backtest.numba_cache import purge_stale_cache
 from backtest.trees import CompiledTrees, predict
-from ml.config import SESSIONS, Config
+from core.config import SESSIONS, Config
 
 BAR_SECONDS = 15 * 60
 RING = 10  # trades remembered for recent_win_rate / equity_slope
@@ -109,7 +109,7 @@ N_POS = len(POSITION_STATE_FEATURES)
 N_ACC = len(ACCOUNT_STATE_FEATURES)
 
 SESSION_BITS = {name: 1 << i for i, name in enumerate(SESSIONS)}
-# Session bitmask per UTC hour, frozen into the compiled code (SESSIONS is a constant of ml/config.py).
+# Session bitmask per UTC hour, frozen into the compiled code (SESSIONS is a constant of core/config.py).
 _HOUR_CODE = np.array(
     [sum(bit for name, bit in SESSION_BITS.items() if SESSIONS[name][0] <= h < SESSIONS[name][1]) for h in range(24)],
     dtype=np.int64,

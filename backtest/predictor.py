@@ -5,7 +5,7 @@ engine, the kernel and the live Trader only see this small surface; ``ml.models.
 for the trained models, :class:`backtest.rules.RuleSignal` implements it with a rule-based signal until models exist.
 
 * ``feature_names``: the columns (in order) of the feature matrix the predictor expects; the engine selects exactly
-  these columns of ``ml.features.build_features`` output before any call.
+  these columns of ``market.features.build_features`` output before any call.
 * ``signal_proba(X)``: ``X`` float32 ``[n, len(feature_names)]`` -> float64 ``[n, 2]`` = (p_long, p_short), the
   calibrated ensemble's probabilities that a long / short trade started at that bar's close wins. State-independent:
   the fast mode calls it once on all bars, the step mode / live bot on one row per bar; both must give the same

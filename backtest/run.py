@@ -24,7 +24,7 @@ from typing import Any  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
-from ml.errors import UserError, cli_main  # noqa: E402
+from core.errors import UserError, cli_main  # noqa: E402
 
 LABEL_OOS = "OOS"
 LABEL_IN_SAMPLE = "POSSIBLY IN-SAMPLE"
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _window(index: pd.DatetimeIndex, args: argparse.Namespace, oos_weeks: int) -> tuple[int, int, bool]:
     """(start, end, in_sample) from the arguments (module docstring)."""
     from backtest.engine import resolve_window
-    from ml.splits import oos_start_position
+    from market.splits import oos_start_position
 
     oos_start = oos_start_position(index, oos_weeks)
     if args.oos_only:
@@ -145,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     from backtest.engine import run_fast, run_step
     from backtest.metrics import json_safe
     from backtest.plots import plot_equity
-    from ml.config import load_config
-    from ml.data import load_candles
-    from ml.features import build_features, feature_names
-    from ml.paths import Paths
+    from core.config import load_config
+    from core.paths import Paths
+    from market.data import load_candles
+    from market.features import build_features, feature_names
 
     paths = Paths.of(args.root)
     cfg = load_config(Path(args.config) if args.config else paths.config)

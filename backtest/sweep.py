@@ -30,7 +30,7 @@ import pandas as pd
 
 from backtest.engine import MarketArrays, run_arrays
 from backtest.policy import make_params, replace_params
-from ml.config import Config
+from core.config import Config
 
 PARALLEL_MIN_BAR_RUNS = 50_000_000  # grid points x bars above which the sweep fans out to worker processes
 SWEPT = ("confidence_threshold", "risk_percent", "sl_multiplier", "tp_multiplier", "sessions")

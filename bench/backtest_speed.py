@@ -84,8 +84,8 @@ def main() -> int:
     from backtest.live import HISTORY_BARS
     from backtest.policy import make_params, replace_params
     from backtest.rules import RuleSignal, toy_exit_model, toy_risk_model
-    from ml.config import default_config
-    from ml.features import build_features
+    from core.config import default_config
+    from market.features import build_features
 
     cfg = default_config()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}")

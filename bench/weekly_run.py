@@ -42,7 +42,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ml.config import config_to_json, load_config, parse_config  # noqa: E402
+from core.config import config_to_json, load_config, parse_config  # noqa: E402
 
 REAL = REPO.parent / "shared" / "data" / "BTCUSDT_15m_2023_2024.csv"
 PAGE = os.sysconf("SC_PAGE_SIZE")

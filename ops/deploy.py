@@ -57,8 +57,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ml.errors import UserError
-from ml.paths import Paths
+from core.errors import UserError
+from core.paths import Paths
 
 log = logging.getLogger(__name__)
 

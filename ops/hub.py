@@ -34,12 +34,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ml.config import redact, secrets
-from ml.errors import UserError
-from ml.paths import Paths
+from core.config import redact, secrets
+from core.errors import UserError
+from core.paths import Paths
 
 if TYPE_CHECKING:
-    from ml.config import Config
+    from core.config import Config
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

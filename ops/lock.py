@@ -24,12 +24,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
-from ml.errors import EXIT_LOCKED, UserError
-from ml.paths import Paths
+from core.errors import EXIT_LOCKED, UserError
+from core.paths import Paths
 
 
 class LockedError(UserError):
-    """Another run holds the lock of this root: exit at once with :data:`ml.errors.EXIT_LOCKED`."""
+    """Another run holds the lock of this root: exit at once with :data:`core.errors.EXIT_LOCKED`."""
 
     exit_code = EXIT_LOCKED
 

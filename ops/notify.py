@@ -11,7 +11,7 @@ Rules that shape this module:
   ``NetworkError`` are retried a couple of times with back-off; anything else (bad token, chat not found) gives up
   at once. If Telegram still rejects the markup, the same text is sent once more as plain text.
 - The bot token is part of every Bot API URL, and ``httpx`` logs URLs at INFO: a logging filter scrubs it from the
-  records of the libraries involved, and our own messages go through :func:`ml.config.redact`.
+  records of the libraries involved, and our own messages go through :func:`core.config.redact`.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ml.config import redact, secrets
-from ml.paths import Paths
+from core.config import redact, secrets
+from core.paths import Paths
 
 if TYPE_CHECKING:
-    from ml.config import Config
+    from core.config import Config
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from ml.config import Config, config_to_json, load_config, parse_config, secrets
-from ml.dataset import Dataset, build_dataset, lookahead_self_check
-from ml.errors import UserError
-from ml.paths import Paths
+from core.config import Config, config_to_json, load_config, parse_config, secrets
+from core.errors import UserError
+from core.paths import Paths
+from market.dataset import Dataset, build_dataset, lookahead_self_check
 from ops import deploy
 from ops.report import RunReport, telegram_text
 
@@ -211,7 +211,7 @@ def phase_preflight(ctx: RunContext, s: dict[str, Any]) -> None:
         s["note"] = "no deployed models: first run, only the absolute floors apply"
         return
     try:
-        from ml.data import load_candles
+        from market.data import load_candles
 
         candles = load_candles(ctx.run_cfg, paths, ctx.options.data, ctx.options.demo)
         ds = build_dataset(candles, ctx.run_cfg)
@@ -224,16 +224,16 @@ def phase_preflight(ctx: RunContext, s: dict[str, Any]) -> None:
 
 
 def _source_name(cfg: Config) -> str:
-    from ml.data import resolve_source
+    from market.data import resolve_source
 
     return resolve_source(cfg)
 
 
 def phase_data(ctx: RunContext, s: dict[str, Any]) -> None:
     """MT5 connectivity check + candle refresh (or the file / demo source); validated, stored atomically."""
-    from ml.data import refresh, resolve_source
-    from ml.data.store import read_store, store_path
-    from ml.data.validate import trim_history, validate
+    from market.data import refresh, resolve_source
+    from market.data.store import read_store, store_path
+    from market.data.validate import trim_history, validate
 
     cfg, opts = ctx.run_cfg, ctx.options
     real_store = store_path(ctx.paths, cfg)

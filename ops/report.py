@@ -2,7 +2,7 @@
 
 Why one dict: the Telegram message, report.md and report.json must never disagree about what was decided. Phases
 add their summaries to :class:`RunReport`; :func:`render_markdown` and :func:`telegram_text` only format it.
-Secrets never reach a report: every string goes through :func:`ml.config.redact` on save.
+Secrets never reach a report: every string goes through :func:`core.config.redact` on save.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ml.config import redact
+from core.config import redact
 
 log = logging.getLogger("weekly")
 

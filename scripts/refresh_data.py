@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ml.config import load_config, load_dotenv_file  # noqa: E402
-from ml.data import refresh  # noqa: E402
-from ml.errors import cli_main  # noqa: E402
-from ml.paths import Paths  # noqa: E402
+from core.config import load_config, load_dotenv_file  # noqa: E402
+from core.errors import cli_main  # noqa: E402
+from core.paths import Paths  # noqa: E402
+from market.data import refresh  # noqa: E402
 
 
 def main() -> int:

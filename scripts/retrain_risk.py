@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ml.errors import cli_main  # noqa: E402
+from core.errors import cli_main  # noqa: E402
 from scripts.retrain_position import main_for  # noqa: E402
 
 if __name__ == "__main__":

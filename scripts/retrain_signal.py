@@ -30,9 +30,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ml.config import Config, load_config, load_dotenv_file  # noqa: E402
-from ml.errors import UserError, cli_main  # noqa: E402
-from ml.paths import Paths  # noqa: E402
+from core.config import Config, load_config, load_dotenv_file  # noqa: E402
+from core.errors import UserError, cli_main  # noqa: E402
+from core.paths import Paths  # noqa: E402
 
 PARAMS_FILE = "best_params_signal.json"
 
@@ -68,8 +68,8 @@ def _fmt_metrics(m: dict[str, Any] | None) -> str:
 def retrain(paths: Paths, cfg: Config, data: str | None, demo: bool, params_path: str | None, run_id: str,
             n_jobs: int | None, stage_only: bool) -> dict[str, Any]:
     """The whole retrain under the caller's run lock; returns a summary (also printed)."""
-    from ml.data import load_candles
-    from ml.dataset import build_dataset, lookahead_self_check
+    from market.data import load_candles
+    from market.dataset import build_dataset, lookahead_self_check
     from ml.models.signal import train_signal
     from ops.deploy import commit, stage_dir
 

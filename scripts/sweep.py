@@ -22,12 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backtest.engine import prepare_arrays  # noqa: E402
 from backtest.sweep import run_sweep, save_sweep, top_rows  # noqa: E402
-from ml.config import config_to_json, load_config, parse_config  # noqa: E402
-from ml.data import load_candles  # noqa: E402
-from ml.dataset import build_dataset  # noqa: E402
-from ml.errors import UserError, cli_main  # noqa: E402
+from core.config import config_to_json, load_config, parse_config  # noqa: E402
+from core.errors import UserError, cli_main  # noqa: E402
+from core.paths import Paths  # noqa: E402
+from market.data import load_candles  # noqa: E402
+from market.dataset import build_dataset  # noqa: E402
 from ml.models.bundle import load_bundle  # noqa: E402
-from ml.paths import Paths  # noqa: E402
 from ops.lock import run_lock  # noqa: E402
 
 

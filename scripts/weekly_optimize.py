@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ml.config import load_dotenv_file, redact  # noqa: E402
-from ml.errors import UserError, cli_main  # noqa: E402
-from ml.paths import Paths  # noqa: E402
+from core.config import load_dotenv_file, redact  # noqa: E402
+from core.errors import UserError, cli_main  # noqa: E402
+from core.paths import Paths  # noqa: E402
 from ops import deploy  # noqa: E402
 from ops.lock import run_lock  # noqa: E402
 from ops.pipeline import PHASES, RunOptions, run_pipeline  # noqa: E402

@@ -13,7 +13,7 @@ REAL_BTC = REPO.parent / "shared" / "data" / "BTCUSDT_15m_2023_2024.csv"
 
 @lru_cache(maxsize=1)
 def _real_btc() -> pd.DataFrame:
-    from ml.config import default_config
+    from core.config import default_config
 
     df = pd.read_csv(REAL_BTC)
     df.index = pd.DatetimeIndex(pd.to_datetime(df.pop("timestamp_utc"), utc=True), name="time")

@@ -41,7 +41,7 @@ def mt5_export() -> Path:
 @pytest.fixture
 def tmp_root(tmp_path: Path) -> Path:
     """A fresh run root: config.json with the schema's defaults and an empty data/ folder."""
-    from ml.config import config_to_json, default_config
+    from core.config import config_to_json, default_config
 
     root = tmp_path / "root"
     (root / "data").mkdir(parents=True)

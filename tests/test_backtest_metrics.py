@@ -12,8 +12,8 @@ from backtest.engine import prepare_arrays, run_arrays
 from backtest.metrics import Floors, compute_metrics, gate, json_safe, score
 from backtest.policy import make_params, replace_params
 from backtest.rules import RuleSignal
-from ml.config import default_config
-from ml.features import build_features
+from core.config import default_config
+from market.features import build_features
 
 FLOORS = Floors(min_trades=30, max_drawdown_pct=20.0)
 

@@ -18,8 +18,8 @@ from _candles import real_btc
 from backtest.engine import prepare_arrays, run_arrays, run_fast, run_replay, run_step
 from backtest.policy import TRIP_REASONS, make_params, replace_params
 from backtest.rules import RuleSignal, toy_exit_model, toy_risk_model
-from ml.config import default_config
-from ml.features import build_features
+from core.config import default_config
+from market.features import build_features
 
 START, END = 1000, 6000  # 5,000 bars after the feature warm-up
 

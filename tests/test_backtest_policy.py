@@ -30,7 +30,7 @@ from backtest.policy import (
     sessions_mask,
 )
 from backtest.trees import OBJ_IDENTITY, OBJ_SIGMOID, CompiledTrees, build_trees, empty_trees
-from ml.config import default_config
+from core.config import default_config
 
 T0 = pd.Timestamp("2024-01-01 00:00", tz="UTC")
 QUIET = (100.0, 101.0, 99.0, 100.0)  # never reaches a 10-point stop or a 20-point target from 100
@@ -329,7 +329,7 @@ def test_state_json_round_trip_mid_position_continues_identically() -> None:
     from _candles import real_btc
 
     from backtest.rules import RuleSignal, toy_exit_model, toy_risk_model
-    from ml.features import build_features
+    from market.features import build_features
 
     cfg = default_config()
     candles = real_btc(4000)

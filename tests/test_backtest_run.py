@@ -14,9 +14,9 @@ from _candles import REAL_BTC, REPO, real_btc
 from backtest.engine import run_fast, run_step
 from backtest.rules import RuleSignal
 from backtest.run import LABEL_IN_SAMPLE, LABEL_OOS, main
-from ml.config import config_to_json, default_config
-from ml.errors import UserError, cli_main
-from ml.features import feature_names
+from core.config import config_to_json, default_config
+from core.errors import UserError, cli_main
+from market.features import feature_names
 
 N_ROWS = 20_000  # enough for the 12-week OOS window (8,064 bars) plus the feature warm-up
 

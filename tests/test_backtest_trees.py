@@ -8,7 +8,7 @@ import pytest
 from _candles import real_btc
 
 from backtest.trees import OBJ_IDENTITY, OBJ_SIGMOID, compile_booster, empty_trees, predict_batch, predict_raw_batch
-from ml.features import build_features
+from market.features import build_features
 
 
 @pytest.fixture(scope="module")

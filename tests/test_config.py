@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ml.config import (
+from core.config import (
     Bounds,
     config_to_json,
     default_config,
@@ -20,9 +20,9 @@ from ml.config import (
     secrets,
     with_trading,
 )
-from ml.data import refresh
-from ml.errors import UserError
-from ml.paths import Paths
+from core.errors import UserError
+from core.paths import Paths
+from market.data import refresh
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,13 +21,13 @@ import pandas as pd
 import pytest
 import rpyc
 
-from ml.config import config_to_json, default_config, parse_config
-from ml.data import mt5 as mt5data
-from ml.data import refresh, resolve_source
-from ml.data.store import read_store, store_path
-from ml.data.validate import validate
-from ml.errors import UserError
-from ml.paths import Paths
+from core.config import config_to_json, default_config, parse_config
+from core.errors import UserError
+from core.paths import Paths
+from market.data import mt5 as mt5data
+from market.data import refresh, resolve_source
+from market.data.store import read_store, store_path
+from market.data.validate import validate
 
 REPO = Path(__file__).resolve().parent.parent
 STANDIN = REPO / "tests" / "standins" / "mt5_terminal"

@@ -10,15 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import ml.data.demo as demo_mod
-from ml.config import default_config, parse_config
-from ml.data import COLUMNS, Gap, load_candles, refresh
-from ml.data.demo import generate
-from ml.data.sources import read_file
-from ml.data.store import merge, read_store, store_path, write_store
-from ml.data.validate import validate
-from ml.errors import UserError
-from ml.paths import Paths
+import market.data.demo as demo_mod
+from core.config import default_config, parse_config
+from core.errors import UserError
+from core.paths import Paths
+from market.data import COLUMNS, Gap, load_candles, refresh
+from market.data.demo import generate
+from market.data.sources import read_file
+from market.data.store import merge, read_store, store_path, write_store
+from market.data.validate import validate
 
 
 def weekends_cfg():
@@ -263,7 +263,7 @@ def test_store_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     pd.testing.assert_frame_equal(back, ref, check_freq=False)
     assert back.attrs["source"] == "file x.csv" and back.attrs["demo"] is False
 
-    import ml.data.store as store_mod
+    import market.data.store as store_mod
 
     real_write = store_mod.pq.write_table
 

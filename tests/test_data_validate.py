@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml.config import default_config, load_config, parse_config
-from ml.data import load_candles, refresh
-from ml.data.store import read_store, store_path
-from ml.data.validate import Gap, validate
-from ml.errors import UserError
-from ml.paths import Paths
+from core.config import default_config, load_config, parse_config
+from core.errors import UserError
+from core.paths import Paths
+from market.data import load_candles, refresh
+from market.data.store import read_store, store_path
+from market.data.validate import Gap, validate
 
 REPO = Path(__file__).resolve().parent.parent
 N = 300
@@ -122,7 +122,7 @@ def test_conflicting_duplicate_keeps_later_row(tmp_path: Path) -> None:
     frame = load_candles(cfg, Paths.of(tmp_path), data_path=write_csv(dup, tmp_path / "d.csv"))
     assert len(frame) == N
     assert frame["real_volume"].iloc[50] == 999.0
-    from ml.data.sources import read_file
+    from market.data.sources import read_file
 
     _, report = validate(read_file(tmp_path / "d.csv", cfg), cfg, "d.csv")
     assert report.duplicates_dropped == 1
@@ -198,7 +198,7 @@ def cfg():
 
 
 def _frame(df: pd.DataFrame, cfg, tmp_path: Path, name: str = "x.csv") -> pd.DataFrame:
-    from ml.data.sources import read_file
+    from market.data.sources import read_file
 
     return read_file(write_csv(df, tmp_path / name), cfg)
 

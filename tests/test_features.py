@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml.config import default_config
-from ml.features import WARMUP_BARS, build_features, feature_names
+from core.config import default_config
+from market.features import WARMUP_BARS, build_features, feature_names
 from tests._candles import real_btc
 
 

@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml.config import default_config
-from ml.features import WARMUP_BARS, build_features
-from ml.labels import cusum_events, triple_barrier
-from ml.splits import make_splits
+from core.config import default_config
+from market.features import WARMUP_BARS, build_features
+from market.labels import cusum_events, triple_barrier
+from market.splits import make_splits
 from tests._candles import real_btc
 
 
@@ -94,7 +94,7 @@ def test_purging_no_training_label_reaches_validation_or_oos(weeks: int) -> None
 
 
 def test_too_little_data_is_a_clear_error() -> None:
-    from ml.errors import UserError
+    from core.errors import UserError
 
     df = real_btc(3_000)
     cfg = default_config()

@@ -19,9 +19,9 @@ import pytest
 from backtest.engine import prepare_arrays, run_arrays
 from backtest.policy import EXIT_END, EXIT_MODEL, make_params, replace_params
 from backtest.rules import RuleSignal
-from ml.config import config_to_json, default_config
-from ml.errors import UserError
-from ml.features import build_features
+from core.config import config_to_json, default_config
+from core.errors import UserError
+from market.features import build_features
 from ml.models.position import (
     DEFAULT_MARKET_FEATURES,
     PositionModel,

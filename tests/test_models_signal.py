@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml.config import Config, default_config, parse_config
-from ml.dataset import Dataset, build_dataset
+from core.config import Config, default_config, parse_config
+from market.dataset import Dataset, build_dataset
 from ml.models.signal import (
     SIGNAL_MODELS,
     SignalModelError,

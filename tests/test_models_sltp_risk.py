@@ -20,9 +20,9 @@ from backtest.engine import prepare_arrays, run_arrays
 from backtest.policy import ACCOUNT_STATE_FEATURES, EXIT_MODEL, EXIT_TIME, make_params, replace_params
 from backtest.rules import RuleSignal, toy_risk_model
 from backtest.trees import predict_batch
-from ml.config import config_to_json, default_config, parse_config
-from ml.errors import UserError
-from ml.features import build_features
+from core.config import config_to_json, default_config, parse_config
+from core.errors import UserError
+from market.features import build_features
 from ml.models.manifest import save_model
 from ml.models.position import fit_position_model, position_rows
 from ml.models.risk import RiskModel, account_states, fit_risk_model, risk_labels, train_risk
@@ -221,7 +221,7 @@ def test_retrain_scripts_without_prerequisites_exit_2_with_one_line(tmp_path: Pa
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """A run root on 20,000 real bars (4-week OOS window) with freshly trained signal models deployed."""
-    from ml.dataset import build_dataset
+    from market.dataset import build_dataset
     from ml.models.signal import train_signal
 
     root = tmp_path_factory.mktemp("chain")

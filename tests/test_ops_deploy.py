@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ml.paths import Paths
+from core.paths import Paths
 from ops.deploy import (
     CRASH_ENV,
     DeployError,

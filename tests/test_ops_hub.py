@@ -17,8 +17,8 @@ import pytest
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from ml.config import default_config  # noqa: E402
-from ml.paths import Paths  # noqa: E402
+from core.config import default_config  # noqa: E402
+from core.paths import Paths  # noqa: E402
 from ops.hub import HubConflictError, HubError, HubRegistry, LocalRegistry, Registry, make_registry  # noqa: E402
 from tests.standins.hub_server import HubStandIn  # noqa: E402
 

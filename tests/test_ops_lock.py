@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ml.errors import EXIT_LOCKED, UserError
-from ml.paths import Paths
+from core.errors import EXIT_LOCKED, UserError
+from core.paths import Paths
 from ops.lock import LockedError, run_lock
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ def _holder(root: Path) -> subprocess.Popen[str]:
         f"""
         import sys, time
         sys.path.insert(0, {str(REPO)!r})
-        from ml.paths import Paths
+        from core.paths import Paths
         from ops.lock import run_lock
         with run_lock(Paths.of({str(root)!r})):
             print("locked", flush=True)
@@ -75,8 +75,8 @@ def test_cli_exit_code(tmp_path: Path) -> None:
         f"""
         import sys
         sys.path.insert(0, {str(REPO)!r})
-        from ml.errors import cli_main
-        from ml.paths import Paths
+        from core.errors import cli_main
+        from core.paths import Paths
         from ops.lock import run_lock
         def main():
             with run_lock(Paths.of({str(tmp_path)!r})):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from telegram.helpers import escape_markdown
 
-from ml.config import default_config
-from ml.paths import Paths
+from core.config import default_config
+from core.paths import Paths
 from ops.notify import (
     TRUNCATION_NOTE,
     CompositeNotifier,

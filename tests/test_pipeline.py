@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from ml.config import config_to_json, default_config, parse_config
-from ml.paths import Paths
+from core.config import config_to_json, default_config, parse_config
+from core.paths import Paths
 from ops import deploy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,7 +123,7 @@ def test_failed_gate_rolls_back_byte_identical(committed_root: Path, tmp_path: P
 def test_second_start_while_locked_exits_3(committed_root: Path, tmp_path: Path) -> None:
     root = _copy(committed_root, tmp_path / "root")
     code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
-            "from ml.paths import Paths\nfrom ops.lock import run_lock\n"
+            "from core.paths import Paths\nfrom ops.lock import run_lock\n"
             f"with run_lock(Paths.of({str(root)!r})):\n    print('locked', flush=True)\n    time.sleep(60)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:

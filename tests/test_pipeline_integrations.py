@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ml.config import parse_config
+from core.config import parse_config
 from tests.standins.hub_server import HubStandIn
 from tests.standins.telegram_server import TelegramStandIn
 from tests.test_pipeline import _copy, _last_report, run_job, small_config, state

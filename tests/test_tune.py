@@ -21,9 +21,9 @@ import optuna
 import pytest
 from _candles import real_btc as real_candles
 
-from ml.config import default_config, parse_config, with_trading
-from ml.dataset import Dataset, build_dataset
-from ml.errors import UserError
+from core.config import default_config, parse_config, with_trading
+from core.errors import UserError
+from market.dataset import Dataset, build_dataset
 from ml.tune import common
 from ml.tune.common import OOSLeakError, guard_indices
 

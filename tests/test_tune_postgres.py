@@ -19,7 +19,7 @@ import pytest
 from _candles import real_btc as real_candles
 from pg_cluster import PgUnavailable, find_bin, start_cluster
 
-from ml.config import config_to_json, default_config, parse_config
+from core.config import config_to_json, default_config, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 TRIALS_PER_WORKER = 2

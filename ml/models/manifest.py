@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ml.errors import UserError
+from core.errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

@@ -70,8 +70,8 @@ from backtest.policy import (
     time_exit,
 )
 from backtest.trees import CompiledTrees, compile_booster, empty_trees
-from ml.config import Config, default_config
-from ml.errors import UserError
+from core.config import Config, default_config
+from core.errors import UserError
 
 DEFAULT_MARKET_FEATURES: list[str] = [
     # short-term momentum and mean-reversion context, volatility state and the hourly trend: what tells a trader that
@@ -311,7 +311,7 @@ def position_rows(ds: Any, p_long_short: np.ndarray, cfg: Config | None, positio
                   market_features: Sequence[str] | None = None, params: Params | None = None) -> PositionRows:
     """Simulate the positions entered on ``positions`` and build their rows and targets (module docstring).
 
-    ``ds`` is a :class:`ml.dataset.Dataset` (candles + features); ``p_long_short`` the calibrated ensemble's
+    ``ds`` is a :class:`market.dataset.Dataset` (candles + features); ``p_long_short`` the calibrated ensemble's
     ``[p_long, p_short]`` per bar (or per position); ``params`` overrides the config's trading parameters
     (:func:`backtest.policy.make_params`)."""
     cfg = cfg or default_config()
@@ -320,7 +320,7 @@ def position_rows(ds: Any, p_long_short: np.ndarray, cfg: Config | None, positio
     names = list(ds.features.columns)
     missing = [c for c in mf if c not in names]
     if missing:
-        raise UserError(f"position model market features {missing} are not produced by ml.features")
+        raise UserError(f"position model market features {missing} are not produced by market.features")
     positions = np.asarray(positions, dtype=np.int64)
     candles = ds.candles
     n = len(candles)

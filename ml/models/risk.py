@@ -53,8 +53,8 @@ from backtest.policy import (
     vol_regime_series,
 )
 from backtest.trees import CompiledTrees, compile_booster
-from ml.config import Config, default_config
-from ml.errors import UserError
+from core.config import Config, default_config
+from core.errors import UserError
 from ml.models.position import SIGNAL_KEYS, lgb_params, require_models, train_booster
 
 WINDOW = 5

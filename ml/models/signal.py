@@ -1,6 +1,6 @@
 """The signal ensemble: RandomForest, XGBoost and LightGBM classifiers on the triple-barrier labels, calibrated.
 
-Classes are the label indices of :class:`ml.dataset.Dataset`: ``0`` short wins, ``1`` no trade, ``2`` long wins.
+Classes are the label indices of :class:`market.dataset.Dataset`: ``0`` short wins, ``1`` no trade, ``2`` long wins.
 
 Why these choices:
 
@@ -39,8 +39,8 @@ import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.frozen import FrozenEstimator
 
-from ml.config import Config, default_config
-from ml.errors import UserError
+from core.config import Config, default_config
+from core.errors import UserError
 
 SIGNAL_MODELS = ("rf", "xgb", "lgb")
 N_CLASSES = 3  # 0 short, 1 flat, 2 long
@@ -322,7 +322,7 @@ def _thread_counts(n_jobs: int | None) -> tuple[int, int]:
 
 def train_signal(ds: Any, cfg: Config | None = None, params: Mapping[str, Mapping[str, Any]] | None = None,
                  n_jobs: int | None = None, refit: bool = True) -> dict[str, Any]:
-    """Fit, early-stop and calibrate the ensemble on a :class:`ml.dataset.Dataset`; return models and metrics.
+    """Fit, early-stop and calibrate the ensemble on a :class:`market.dataset.Dataset`; return models and metrics.
 
     Steps (positions from ``ds.splits``, which already hold only CUSUM events when ``labels.cusum_atr > 0``):
 

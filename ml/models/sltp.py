@@ -57,8 +57,8 @@ from backtest.policy import (
     time_exit,
 )
 from backtest.trees import CompiledTrees, compile_booster
-from ml.config import Config, default_config
-from ml.errors import UserError
+from core.config import Config, default_config
+from core.errors import UserError
 from ml.models.position import (
     SIGNAL_KEYS,
     full_probabilities,

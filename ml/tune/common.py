@@ -47,11 +47,11 @@ from optuna.samplers import TPESampler
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from ml.config import Config
-from ml.errors import UserError
+from core.config import Config
+from core.errors import UserError
 
 if TYPE_CHECKING:
-    from ml.dataset import Dataset
+    from market.dataset import Dataset
 
 log = logging.getLogger("ml.tune")
 
@@ -430,7 +430,7 @@ def add_cli_args(parser: argparse.ArgumentParser, default_trials_note: str) -> N
     parser.add_argument("--root", default=None, help="run root (config.json, results/); default: the repository")
     parser.add_argument("--data", default=None, help="candle file to use instead of the store")
     parser.add_argument("--demo", action="store_true", help="use the demo candle generator")
-    parser.add_argument("--dataset", default=None, help="a saved Dataset folder (ml.dataset.Dataset.save) to reuse")
+    parser.add_argument("--dataset", default=None, help="a saved Dataset folder (market.dataset.Dataset.save) to reuse")
     parser.add_argument("--n-trials", type=int, default=None, help=default_trials_note)
     parser.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds "
                         "(default config tuning.timeout_s)")
@@ -458,9 +458,9 @@ def setup_logging(quiet: bool = False) -> None:
 
 def load_cli_inputs(args: argparse.Namespace) -> tuple[Config, Dataset, Path]:
     """Config, dataset and results folder for a study script, from the shared options."""
-    from ml.config import load_config
-    from ml.dataset import Dataset, build_dataset
-    from ml.paths import Paths
+    from core.config import load_config
+    from core.paths import Paths
+    from market.dataset import Dataset, build_dataset
 
     paths = Paths.of(args.root)
     resolve_storage(args.storage, paths.results)  # a malformed --storage fails before any expensive work
@@ -468,7 +468,7 @@ def load_cli_inputs(args: argparse.Namespace) -> tuple[Config, Dataset, Path]:
     if args.seed is not None:
         raw = cfg.model_dump(mode="json")
         raw["tuning"]["seed"] = args.seed
-        from ml.config import parse_config
+        from core.config import parse_config
 
         cfg = parse_config(raw, "--seed")
     if args.dataset:
@@ -477,7 +477,7 @@ def load_cli_inputs(args: argparse.Namespace) -> tuple[Config, Dataset, Path]:
             raise UserError(f"{folder}: not a saved dataset (dataset.json missing)")
         ds = Dataset.load(folder)
     else:
-        from ml.data import load_candles
+        from market.data import load_candles
 
         candles = load_candles(cfg, paths, data_path=args.data, demo=args.demo)
         ds = build_dataset(candles, cfg)

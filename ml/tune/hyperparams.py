@@ -57,9 +57,9 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 from optuna.pruners import BasePruner  # noqa: E402
 
-from ml.config import Config  # noqa: E402
-from ml.dataset import Dataset  # noqa: E402
-from ml.errors import cli_main  # noqa: E402
+from core.config import Config  # noqa: E402
+from core.errors import cli_main  # noqa: E402
+from market.dataset import Dataset  # noqa: E402
 from ml.tune import common  # noqa: E402
 from ml.tune.common import StudyResult, guard_indices  # noqa: E402
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ml.config import SESSIONS, Config, default_config
+from core.config import SESSIONS, Config, default_config
 
 WARMUP_BARS = 768  # >= the longest look-back (30 H4 bars = 480 M15 bars) plus alignment margin
 NEWS_CAP_MIN = 1440.0  # minutes; "no event within a day" saturates here
@@ -88,13 +88,13 @@ def _load_calendar(path: str | None) -> np.ndarray:
         return np.empty(0, dtype=np.int64)
     p = Path(path)
     if not p.exists():
-        from ml.errors import UserError
+        from core.errors import UserError
 
         raise UserError(f"{p}: economic calendar not found (config features.calendar_csv)")
     cal = pd.read_csv(p)
     cols = {c.lower(): c for c in cal.columns}
     if "time_utc" not in cols or "impact" not in cols:
-        from ml.errors import UserError
+        from core.errors import UserError
 
         raise UserError(f"{p}: calendar needs columns time_utc, currency, impact, event (got {list(cal.columns)})")
     high = cal[cal[cols["impact"]].astype(str).str.lower() == "high"]
@@ -121,7 +121,7 @@ def _news(index: pd.DatetimeIndex, events: np.ndarray, blackout_min: int) -> dic
 
 
 def session_flags(index: pd.DatetimeIndex) -> dict[str, np.ndarray]:
-    """Session membership of each bar from its UTC open hour (see :data:`ml.config.SESSIONS`)."""
+    """Session membership of each bar from its UTC open hour (see :data:`core.config.SESSIONS`)."""
     hour = index.hour.to_numpy()
     flags = {f"sess_{name}": ((hour >= lo) & (hour < hi)).astype(np.float64) for name, (lo, hi) in SESSIONS.items()}
     flags["sess_overlap"] = flags["sess_london"] * flags["sess_new_york"]

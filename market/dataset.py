@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ml.config import Config, default_config
-from ml.features import build_features, feature_names
-from ml.labels import CLASSES, cusum_events, triple_barrier
-from ml.splits import Splits, make_splits
+from core.config import Config, default_config
+from market.features import build_features, feature_names
+from market.labels import CLASSES, cusum_events, triple_barrier
+from market.splits import Splits, make_splits
 
 
 @dataclass

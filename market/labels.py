@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from numba import njit
 
-from ml.config import Config, default_config
+from core.config import Config, default_config
 
 CLASSES = (-1, 0, 1)  # class index 0 = short, 1 = no trade, 2 = long (sklearn sorts labels this way)
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ml.config import Config, default_config
-from ml.errors import UserError
-from ml.features import WARMUP_BARS
+from core.config import Config, default_config
+from core.errors import UserError
+from market.features import WARMUP_BARS
 
 
 @dataclass
@@ -72,7 +72,7 @@ def oos_start_position(index: pd.DatetimeIndex, oos_weeks: int) -> int:
 
 def make_splits(index: pd.DatetimeIndex, labels: pd.DataFrame, config: Config | None = None,
                 sample_mask: np.ndarray | None = None) -> Splits:
-    """Compute all windows. ``labels`` is :func:`ml.labels.triple_barrier`'s frame; ``sample_mask`` (e.g. CUSUM
+    """Compute all windows. ``labels`` is :func:`market.labels.triple_barrier`'s frame; ``sample_mask`` (e.g. CUSUM
     events) further restricts the samples used for fitting (never the OOS bar ranges)."""
     cfg = config or default_config()
     sp = cfg.splits

@@ -20,17 +20,17 @@ from typing import Any
 
 import pandas as pd
 
-from ml.config import Config, secrets
-from ml.data import store
-from ml.data.demo import demo_candles
-from ml.data.sources import COLUMNS, read_file
-from ml.data.validate import Gap, Report, trim_history, validate
-from ml.errors import UserError
-from ml.paths import Paths
+from core.config import Config, secrets
+from core.errors import UserError
+from core.paths import Paths
+from market.data import store
+from market.data.demo import demo_candles
+from market.data.sources import COLUMNS, read_file
+from market.data.validate import Gap, Report, trim_history, validate
 
 __all__ = ["COLUMNS", "Gap", "RefreshResult", "Report", "load_candles", "refresh", "resolve_source"]
 
-log = logging.getLogger("ml.data")
+log = logging.getLogger("market.data")
 
 
 @dataclass
@@ -93,7 +93,7 @@ def refresh(cfg: Config, paths: Paths, data_path: str | Path | None = None, demo
         store.write_store(target, frame, cfg.symbol)
         return RefreshResult(frame, report, False, frame.attrs["source"], target, new_bars, warnings=report.warnings)
 
-    from ml.data import mt5  # only here: the bridge client is not needed for files and the demo
+    from market.data import mt5  # only here: the bridge client is not needed for files and the demo
 
     old = store.read_store(target)
     if old is not None and not str(old.attrs.get("source", "")).startswith(f"mt5 {cfg.symbol} "):

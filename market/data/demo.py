@@ -36,8 +36,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ml.config import Config
-from ml.data.sources import BAR, COLUMNS
+from core.config import Config
+from market.data.sources import BAR, COLUMNS
 
 DEMO_END = pd.Timestamp("2026-01-01 00:00", tz="UTC")
 BASE_SIGMA = 0.0025

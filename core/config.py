@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ml.errors import UserError
+from core.errors import UserError
 
 SESSIONS: dict[str, tuple[int, int]] = {
     # UTC hours [start, end) of the main FX/crypto sessions; overlaps follow from these.

@@ -21,10 +21,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ml.config import Config
-from ml.data.sources import COLUMNS
-from ml.errors import UserError
-from ml.paths import Paths
+from core.config import Config
+from core.errors import UserError
+from core.paths import Paths
+from market.data.sources import COLUMNS
 
 _META_SOURCE = b"ml.source"
 _META_DEMO = b"ml.demo"

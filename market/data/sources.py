@@ -2,8 +2,8 @@
 
 Why one reader module: every entry point (``--data PATH``, ``data.file`` in config.json, the store) must turn a file
 into exactly the same standard frame, and every problem with the *file itself* (truncated, wrong columns, a timestamp
-that does not parse) must become one :class:`~ml.errors.UserError` line naming the file and the line. Problems with
-the *values* (order, gaps, OHLC rules, NaN) are :mod:`ml.data.validate`'s job.
+that does not parse) must become one :class:`~core.errors.UserError` line naming the file and the line. Problems with
+the *values* (order, gaps, OHLC rules, NaN) are :mod:`market.data.validate`'s job.
 
 Time zones: an MT5 export carries broker **server time**, converted with ``cfg.data.server_timezone`` (the same rule
 as the live MT5 fetch). A plain CSV/Parquet timestamp is taken as UTC unless it carries its own offset. Epoch numbers
@@ -23,8 +23,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import numpy as np
 import pandas as pd
 
-from ml.config import Config
-from ml.errors import UserError
+from core.config import Config
+from core.errors import UserError
 
 COLUMNS: tuple[str, ...] = ("open", "high", "low", "close", "tick_volume", "spread", "real_volume")
 PRICE_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close")
@@ -260,7 +260,7 @@ def read_parquet_file(path: Path, cfg: Config) -> pd.DataFrame:
 
 
 def read_file(path: str | Path, cfg: Config) -> pd.DataFrame:
-    """Read any supported candle file into the standard frame (unvalidated; see :func:`ml.data.validate.validate`)."""
+    """Read any supported candle file into the standard frame (unvalidated: :func:`market.data.validate.validate`)."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: candle file not found")

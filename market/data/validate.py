@@ -29,11 +29,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pandas as pd
 
-from ml.config import Config
-from ml.data.sources import BAR, COLUMNS, PRICE_COLUMNS
-from ml.errors import UserError
+from core.config import Config
+from core.errors import UserError
+from market.data.sources import BAR, COLUMNS, PRICE_COLUMNS
 
-log = logging.getLogger("ml.data")
+log = logging.getLogger("market.data")
 
 _BAR_NS = BAR.value
 _SPIKE_WINDOW = 672  # one week of M15 bars

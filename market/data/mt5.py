@@ -7,12 +7,12 @@ knows which one it got. Tests run the real mt5linux client against a stand-in te
 What a fetch does: ``initialize`` with MT5_LOGIN / MT5_PASSWORD / MT5_SERVER (and MT5_PATH) from the environment,
 ``symbol_select``, ``symbol_info`` (the broker's contract spec, compared with config.json), ``copy_rates_range`` from
 the last stored bar (or ``history_days`` back) to now, drop the still-forming bar, ``shutdown`` - always, also after
-an error. Every failure is a :class:`~ml.errors.UserError` naming the call and ``last_error()``; nothing is written
+an error. Every failure is a :class:`~core.errors.UserError` naming the call and ``last_error()``; nothing is written
 here, so the store stays as it was.
 
 Time: MT5 bar times are epoch seconds of the broker's **server wall clock** (commonly EET/EEST, UTC+2/+3), whatever
 the docs say. Requests are therefore sent as server wall time dressed as UTC, and answers are converted back with
-``cfg.data.server_timezone`` (see :func:`ml.data.sources.server_wall_to_utc` for the DST hour rules).
+``cfg.data.server_timezone`` (see :func:`market.data.sources.server_wall_to_utc` for the DST hour rules).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ml.config import Config, redact, secrets
-from ml.data.sources import BAR, COLUMNS, mt5_rates_to_frame, server_zone
-from ml.errors import UserError
+from core.config import Config, redact, secrets
+from core.errors import UserError
+from market.data.sources import BAR, COLUMNS, mt5_rates_to_frame, server_zone
 
 TIMEFRAME_M15 = 15
 _EPOCH = pd.Timestamp("1970-01-01")
