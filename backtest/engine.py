@@ -23,13 +23,15 @@ import pandas as pd
 
 from backtest import metrics as _metrics
 from backtest.live import Trader
-from backtest.nb import run_kernel
+from backtest.nb import KernelInputs, KernelOut, PathMemo, new_memo, new_out, run_kernel
 from backtest.policy import (
     EXIT_REASONS,
+    RING,
     TRIP_REASONS,
     VOL_REGIME_BARS,
     Params,
     decision_clock,
+    initial_account,
     make_params,
     vol_regime_series,
 )
@@ -146,36 +148,39 @@ class MarketArrays:
     max_gap_minutes: int = 120
     predictor: str = ""
     gaps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    _paths: OrderedDict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = field(
-        default_factory=OrderedDict, repr=False)
-    _ws: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _paths: OrderedDict[tuple[Any, ...], PathMemo] = field(default_factory=OrderedDict, repr=False)
+    _ws: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def n(self) -> int:
         return int(self.open.size)
 
-    def workspace(self) -> dict[str, np.ndarray]:
+    def workspace(self) -> KernelOut:
         """Output buffers of the kernel, allocated once per MarketArrays (the kernel holds the GIL, so threads that
         share one MarketArrays never run it concurrently; :func:`run_arrays` copies results out)."""
-        if not self._ws:
-            n = self.n
-            f = lambda: np.empty(n, dtype=np.float64)  # noqa: E731
-            i = lambda: np.empty(n, dtype=np.int64)  # noqa: E731
-            self._ws = {
-                "t_entry": i(), "t_exit": i(), "t_side": i(), "t_size": f(), "t_entry_px": f(), "t_exit_px": f(),
-                "t_stop": f(), "t_target": f(), "t_pnl": f(), "t_r": f(), "t_reason": i(), "t_mult": f(),
-                "equity": f(), "trip_bar": np.empty(2 * n + 4, dtype=np.int64),
-                "trip_code": np.empty(2 * n + 4, dtype=np.int64),
-            }
-        return self._ws
+        if "out" not in self._ws:
+            self._ws["out"] = new_out(self.n)
+        return self._ws["out"]
 
-    def paths(self, p: Params, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def kernel_inputs(self) -> KernelInputs:
+        """The kernel's :class:`~backtest.nb.KernelInputs` view of these arrays. ``p_max`` is cached for the
+        probability arrays it was made from (callers swap ``p_long`` / ``p_short`` with ``dataclasses.replace``)."""
+        got = self._ws.get("p_max")
+        if got is None or got[0] is not self.p_long or got[1] is not self.p_short:
+            got = (self.p_long, self.p_short, np.maximum(self.p_long, self.p_short))
+            self._ws["p_max"] = got
+        return KernelInputs(self.open, self.high, self.low, self.close, self.spread, self.hour, self.day, self.atr,
+                            self.p_long, self.p_short, got[2], self.sl_atr, self.tp_atr, self.exit_X,
+                            self.vol_regime, self.exit_trees, self.risk_trees, bool(self.use_sltp),
+                            bool(self.use_exit), bool(self.use_risk))
+
+    def paths(self, p: Params, end: int) -> PathMemo:
         """Memoised position paths valid for ``p`` (see ``backtest/nb.py``), LRU-bounded."""
         key = (p.sl_multiplier, p.tp_multiplier, p.exit_threshold, p.max_holding_bars, p.fixed_sl_atr,
                p.fixed_tp_atr, p.slippage_points, p.point, end)
         got = self._paths.get(key)
         if got is None:
-            got = (np.full(self.n, -1, dtype=np.int64), np.empty(self.n), np.zeros(self.n, dtype=np.int64))
+            got = new_memo(self.n)
             self._paths[key] = got
             while len(self._paths) > _PATH_CACHE_SIZE:
                 self._paths.popitem(last=False)
@@ -299,25 +304,17 @@ def run_arrays(arrays: MarketArrays, params: Params, start: int = 0, end: int | 
         end = arrays.n
     if check:
         start, end = arrays.window(int(start), int(end))
-    ws = arrays.workspace()
-    if memo_paths:
-        tb, tpx, trs = arrays.paths(params, end)
-    else:
-        tb, tpx, trs = np.full(arrays.n, -1, dtype=np.int64), np.empty(arrays.n), np.zeros(arrays.n, np.int64)
-    n_tr, n_trips, skipped = run_kernel(
-        arrays.open, arrays.high, arrays.low, arrays.close, arrays.spread, arrays.hour, arrays.day, arrays.atr,
-        arrays.p_long, arrays.p_short, arrays.sl_atr, arrays.tp_atr, arrays.use_sltp, arrays.exit_X,
-        arrays.exit_trees, arrays.use_exit, arrays.vol_regime, arrays.risk_trees, arrays.use_risk, params,
-        start, end, tb, tpx, trs,
-        ws["t_entry"], ws["t_exit"], ws["t_side"], ws["t_size"], ws["t_entry_px"], ws["t_exit_px"], ws["t_stop"],
-        ws["t_target"], ws["t_pnl"], ws["t_r"], ws["t_reason"], ws["t_mult"], ws["equity"], ws["trip_bar"],
-        ws["trip_code"])
+    out = arrays.workspace()
+    memo = arrays.paths(params, end) if memo_paths else new_memo(arrays.n)
+    n_tr, n_trips, skipped = run_kernel(arrays.kernel_inputs(), params, start, end,
+                                        initial_account(params.initial_equity), np.zeros(RING), np.zeros(RING),
+                                        memo, out)
     cp = (lambda a: a.copy()) if copy else (lambda a: a)  # noqa: E731
-    trades = {k[2:]: cp(ws[k][:n_tr]) for k in ("t_entry", "t_exit", "t_side", "t_size", "t_entry_px", "t_exit_px",
-                                                "t_stop", "t_target", "t_pnl", "t_r", "t_reason", "t_mult")}
-    return FastRun(start=start, end=end, params=params, trades=trades, equity=cp(ws["equity"][start:end]),
-                   trip_bar=cp(ws["trip_bar"][:n_trips]), trip_code=cp(ws["trip_code"][:n_trips]),
-                   skipped_size=int(skipped))
+    rec = out.trades[:n_tr]
+    trades = {name: cp(rec[name]) for name in rec.dtype.names}
+    trips = out.trips[:n_trips]
+    return FastRun(start=start, end=end, params=params, trades=trades, equity=cp(out.equity[start:end]),
+                   trip_bar=cp(trips["bar"]), trip_code=cp(trips["code"]), skipped_size=int(skipped))
 
 
 def run_fast(candles: pd.DataFrame, features: pd.DataFrame | None, predictor: Predictor, cfg: Config,

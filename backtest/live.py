@@ -25,6 +25,7 @@ from backtest.policy import (
     GATE_SIZE,
     N_ACC,
     N_POS,
+    TRIP_CODES,
     VOL_REGIME_BARS,
     Params,
     State,
@@ -37,7 +38,9 @@ from backtest.policy import (
     mark_equity,
     model_exit,
     plan_entry,
+    stops_from_fill,
     time_exit,
+    trip_bit,
     vol_regime_at,
 )
 from backtest.predictor import Predictor
@@ -148,15 +151,13 @@ class Trader:
         hour_a, day_a = decision_clock(time_ns)
         hour, day = int(hour_a), int(day_a)
         rep = BarReport(bar=bar, equity=s.equity)
-        s.day, s.day_start_equity, s.daily_blocked = day_rollover(day, s.day, s.equity, s.day_start_equity,
-                                                                  s.daily_blocked)
+        s.set_account(day_rollover(day, s.account()))
         if s.pending_side != FLAT:
             s.side = s.pending_side
             s.size = s.pending_size
             s.sl_dist = s.pending_sl_dist
             s.entry_price = entry_fill(o, s.side, spread, p)
-            s.stop = s.entry_price - s.side * s.pending_sl_dist
-            s.target = s.entry_price + s.side * s.pending_tp_dist
+            s.stop, s.target = stops_from_fill(s.entry_price, s.side, s.pending_sl_dist, s.pending_tp_dist)
             s.risk_mult = s.pending_risk_mult
             s.entry_bar = bar
             s.entry_time_ns = int(time_ns)
@@ -201,20 +202,20 @@ class Trader:
         s = self.state
         ring_win = np.asarray(s.ring_win, dtype=np.float64)
         ring_eq = np.asarray(s.ring_eq, dtype=np.float64)
-        pnl, r_mult, s.equity, s.peak, s.daily_blocked, s.loss_streak, s.cooldown_until, s.halted, s.n_closed, \
-            bits = book_exit(bar, s.side, s.entry_price, exit_price, s.size, s.sl_dist, s.equity, s.peak,
-                             s.day_start_equity, s.daily_blocked, s.loss_streak, s.cooldown_until, s.halted,
-                             ring_win, ring_eq, s.n_closed, self.params)
+        booked, acc = book_exit(bar, s.side, s.entry_price, exit_price, s.size, s.sl_dist, s.account(), ring_win,
+                                ring_eq, self.params)
+        s.set_account(acc)
         s.ring_win = ring_win.tolist()
         s.ring_eq = ring_eq.tolist()
         rec = TradeRecord(
             entry_bar=s.entry_bar, exit_bar=bar, entry_time_ns=s.entry_time_ns, exit_time_ns=time_ns, side=s.side,
             size=s.size, entry_price=s.entry_price, exit_price=float(exit_price), stop=s.stop, target=s.target,
-            pnl=float(pnl), r_multiple=float(r_mult), exit_reason=EXIT_REASONS[int(reason)], risk_mult=s.risk_mult,
+            pnl=float(booked.pnl), r_multiple=float(booked.r_multiple), exit_reason=EXIT_REASONS[int(reason)],
+            risk_mult=s.risk_mult,
         )
         s.side = FLAT
         s.size = 0.0
         s.pending_exit = 0
         s.entry_bar = -1
-        trips = [code for code in (1, 2, 3) if int(bits) & (1 << (code - 1))]
+        trips = [code for code in TRIP_CODES if int(booked.trips) & trip_bit(code)]
         return rec, trips

@@ -94,6 +94,7 @@ EXIT_REASONS = {EXIT_STOP: "stop", EXIT_TARGET: "target", EXIT_MODEL: "model", E
 
 TRIP_DAILY_LOSS, TRIP_LOSS_STREAK, TRIP_DRAWDOWN_HALT = 1, 2, 3
 TRIP_REASONS = {TRIP_DAILY_LOSS: "daily_loss", TRIP_LOSS_STREAK: "loss_streak", TRIP_DRAWDOWN_HALT: "drawdown_halt"}
+TRIP_CODES = (TRIP_DAILY_LOSS, TRIP_LOSS_STREAK, TRIP_DRAWDOWN_HALT)  # the order trips of one trade are recorded in
 
 # entry_gate() codes: why no entry was taken at a decision (the live bot logs them)
 GATE_OK, GATE_NO_SIGNAL, GATE_HALTED, GATE_DAILY, GATE_COOLDOWN, GATE_SESSION, GATE_SPREAD, GATE_BAD_INPUT, \
@@ -185,6 +186,39 @@ def replace_params(p: Params, **overrides: Any) -> Params:
     if unknown:
         raise KeyError(f"unknown params: {sorted(unknown)}")
     return p._replace(**{k: _PARAM_TYPES[k](v) for k, v in overrides.items()})
+
+
+class Account(NamedTuple):
+    """The realised account and breaker state carried from trade to trade (rules R7, R15-R17).
+
+    A NamedTuple so the kernel passes it by value with one type (one compilation); the live :class:`State` holds
+    the same fields (:meth:`State.account`, :meth:`State.set_account`). The last ``RING`` trades live in two
+    separate buffers (``ring_win``, ``ring_eq``) because they are arrays."""
+
+    equity: float  # realised
+    peak: float  # realised running peak
+    day: int  # UTC day number of the last processed bar, -1 before the first
+    day_start_equity: float
+    daily_blocked: bool
+    loss_streak: int
+    cooldown_until: int
+    halted: bool
+    n_closed: int
+
+
+class BookedExit(NamedTuple):
+    """What :func:`book_exit` reports about the trade it closed."""
+
+    pnl: float
+    r_multiple: float
+    trips: int  # bit ``trip_bit(code)`` set for each breaker that tripped on this trade
+
+
+@njit(cache=True, inline="always")
+def initial_account(equity: float) -> Account:
+    """A fresh account: no day seen yet, nothing blocked (compiled, so Python and the kernel type it alike)."""
+    e = float(equity)
+    return Account(e, e, -1, e, False, 0, 0, False, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------- clock
@@ -283,6 +317,13 @@ def stop_target_distances(sl_atr: float, tp_atr: float, atr: float, use_model: b
     tp_d = tp_atr * p.tp_multiplier * atr
     ok = atr > 0.0 and sl_d > 0.0 and tp_d > 0.0 and np.isfinite(sl_d) and np.isfinite(tp_d)
     return sl_d, tp_d, ok
+
+
+@njit(cache=True, inline="always")
+def stops_from_fill(entry: float, side: int, sl_dist: float, tp_dist: float) -> tuple[float, float]:
+    """Rule R6 (second half): stop and target anchored on the fill price, ``(stop, target)``. The one place the
+    kernel, the Trader and the position / SL-TP label simulations take them from."""
+    return entry - side * sl_dist, entry + side * tp_dist
 
 
 @njit(cache=True, inline="always")
@@ -446,49 +487,65 @@ def model_exit(bar: int, entry_bar: int, side: int, close: float, entry: float, 
 
 # ----------------------------------------------------------------------------------------------------- breakers
 @njit(cache=True, inline="always")
-def day_rollover(day: int, cur_day: int, equity: float, day_start_equity: float,
-                 daily_blocked: bool) -> tuple[int, float, bool]:
-    """Rule R15's reset: the first bar of a new UTC day snapshots the realised equity and lifts the daily block."""
-    if day != cur_day:
-        return day, equity, False
-    return cur_day, day_start_equity, daily_blocked
+def trip_bit(code: int) -> int:
+    """The bit of breaker ``code`` (TRIP_*) in :attr:`BookedExit.trips`."""
+    return 1 << (code - 1)
 
 
 @njit(cache=True, inline="always")
-def book_exit(bar: int, side: int, entry: float, exit_price: float, size: float, sl_dist: float, equity: float,
-              peak: float, day_start_equity: float, daily_blocked: bool, loss_streak: int, cooldown_until: int,
-              halted: bool, ring_win: np.ndarray, ring_eq: np.ndarray, n_closed: int,
-              p: Params) -> tuple[float, float, float, float, bool, int, int, bool, int, int]:
+def day_rollover(day: int, acc: Account) -> Account:
+    """Rule R15's reset: the first bar of a new UTC day snapshots the realised equity and lifts the daily block.
+
+    Idempotent within a day and a no-op on equity, so a driver may call it only at the bars where something can
+    happen (the kernel skips flat bars without a signal): while no trade closes the realised equity is constant and
+    the snapshot is the same whichever bar of the day takes it."""
+    if day != acc.day:
+        return Account(acc.equity, acc.peak, day, acc.equity, False, acc.loss_streak, acc.cooldown_until,
+                       acc.halted, acc.n_closed)
+    return acc
+
+
+@njit(cache=True, inline="always")
+def book_exit(bar: int, side: int, entry: float, exit_price: float, size: float, sl_dist: float, acc: Account,
+              ring_win: np.ndarray, ring_eq: np.ndarray, p: Params) -> tuple[BookedExit, Account]:
     """Close a trade: pnl, R multiple, the account update and the breakers (rules R11, R15-R17).
 
-    Returns ``(pnl, r_multiple, equity, peak, daily_blocked, loss_streak, cooldown_until, halted, n_closed,
-    trip_bits)``; bit ``1 << (TRIP_* - 1)`` is set for each breaker that tripped on this trade."""
+    Returns the :class:`BookedExit` (pnl, R multiple, trip bits) and the updated :class:`Account`; the trade is
+    also pushed into the ``ring_*`` buffers."""
     pnl = trade_pnl(side, entry, exit_price, size, p)
     risk_money = size * (sl_dist * p.contract_size + 2.0 * p.commission_per_lot)
     r_mult = pnl / risk_money if risk_money > 0.0 else 0.0
+    n_closed = acc.n_closed
     k = n_closed % RING
     ring_win[k] = 1.0 if pnl > 0.0 else 0.0
-    ring_eq[k] = equity
+    ring_eq[k] = acc.equity
     n_closed += 1
-    equity = equity + pnl
+    equity = acc.equity + pnl
+    peak = acc.peak
     if equity > peak:
         peak = equity
+    loss_streak = acc.loss_streak
+    cooldown_until = acc.cooldown_until
+    daily_blocked = acc.daily_blocked
+    halted = acc.halted
+    day_start_equity = acc.day_start_equity
     trips = 0
     if pnl < 0.0:
         loss_streak += 1
         if loss_streak % p.max_consecutive_losses == 0:
             cooldown_until = bar + p.cooldown_bars
-            trips |= 1 << (TRIP_LOSS_STREAK - 1)
+            trips |= trip_bit(TRIP_LOSS_STREAK)
     else:
         loss_streak = 0
     if (not daily_blocked) and day_start_equity > 0.0 and \
             (day_start_equity - equity) / day_start_equity * 100.0 >= p.daily_loss_limit_pct:
         daily_blocked = True
-        trips |= 1 << (TRIP_DAILY_LOSS - 1)
+        trips |= trip_bit(TRIP_DAILY_LOSS)
     if (not halted) and peak > 0.0 and (peak - equity) / peak * 100.0 >= p.max_drawdown_halt_pct:
         halted = True
-        trips |= 1 << (TRIP_DRAWDOWN_HALT - 1)
-    return pnl, r_mult, equity, peak, daily_blocked, loss_streak, cooldown_until, halted, n_closed, trips
+        trips |= trip_bit(TRIP_DRAWDOWN_HALT)
+    return BookedExit(pnl, r_mult, trips), Account(equity, peak, acc.day, day_start_equity, daily_blocked,
+                                                    loss_streak, cooldown_until, halted, n_closed)
 
 
 # --------------------------------------------------------------------------------------------------- vol regime
@@ -562,6 +619,19 @@ class State:
     @classmethod
     def initial(cls, equity: float) -> State:
         return cls(equity=float(equity), peak=float(equity), day_start_equity=float(equity))
+
+    def account(self) -> Account:
+        """The :class:`Account` part of this state (typed as the kernel's)."""
+        return Account(float(self.equity), float(self.peak), int(self.day), float(self.day_start_equity),
+                       bool(self.daily_blocked), int(self.loss_streak), int(self.cooldown_until), bool(self.halted),
+                       int(self.n_closed))
+
+    def set_account(self, acc: Account) -> None:
+        """Store an :class:`Account` back into this state."""
+        self.equity, self.peak, self.day = float(acc.equity), float(acc.peak), int(acc.day)
+        self.day_start_equity, self.daily_blocked = float(acc.day_start_equity), bool(acc.daily_blocked)
+        self.loss_streak, self.cooldown_until = int(acc.loss_streak), int(acc.cooldown_until)
+        self.halted, self.n_closed = bool(acc.halted), int(acc.n_closed)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

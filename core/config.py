@@ -167,7 +167,9 @@ class TuningCfg(_Strict):
     position_trials: Annotated[int, Field(ge=1)] = 50
     timeout_s: PosFloat | None = None
     n_jobs: Annotated[int, Field(ge=1)] = 1
-    pruning: bool = True  # median pruning on fold results; off = the slow reference of bench/weekly_run.py
+    pruning: bool = True  # fold-wise pruning of the signal study; off = the slow reference of bench/weekly_run.py
+    pruner: Literal["median", "wilcoxon"] = "median"  # which fold-wise pruner when pruning is on (README)
+    warm_start_trials: Annotated[int, Field(ge=0, le=50)] = 5  # best sets of last week's study enqueued; 0 = cold
 
 
 class HubCfg(_Strict):

@@ -109,10 +109,17 @@ class RunContext:
         return self._cache["entry_cfg"]
 
     def pruner(self) -> Any:
-        """None = the studies' default median pruner; ``tuning.pruning = false`` = no pruning (the reference)."""
-        import optuna
+        """``tuning.pruner`` (median by default); ``tuning.pruning = false`` = no pruning (the reference)."""
+        from ml.tune.common import make_pruner
 
-        return None if self.run_cfg.tuning.pruning else optuna.pruners.NopPruner()
+        return make_pruner(self.run_cfg.tuning.pruner, self.run_cfg.tuning.pruning)
+
+    def study_storage(self) -> str:
+        """``--storage``, else ONE SQLite file under results/ for every run: each run's studies sit next to last
+        week's, which is what the warm start reads and what optuna-dashboard shows as the lineage."""
+        from ml.tune.common import default_storage
+
+        return self.options.storage or default_storage(self.paths.results)
 
     def dataset(self) -> Dataset:
         if "ds" not in self._cache:
@@ -335,7 +342,7 @@ def phase_signal_study(ctx: RunContext, s: dict[str, Any]) -> None:
 
     cfg = ctx.run_cfg
     res = run_signal_study(ctx.dataset(), cfg, ctx.run_dir, n_trials=cfg.tuning.signal_trials,
-                           timeout=cfg.tuning.timeout_s, storage=ctx.options.storage,
+                           timeout=cfg.tuning.timeout_s, storage=ctx.study_storage(),
                            study_name=f"signal-{ctx.run_id}", n_jobs=cfg.tuning.n_jobs, top_up=True,
                            pruner=ctx.pruner())
     _publish_study(ctx, "signal", res, s)
@@ -344,11 +351,16 @@ def phase_signal_study(ctx: RunContext, s: dict[str, Any]) -> None:
 def _publish_study(ctx: RunContext, kind: str, res: Any, s: dict[str, Any]) -> None:
     import optuna
 
+    from ml.tune.common import storage_url
+
     trials = res.study.trials
     n_pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in trials)
     info = {"n_trials": len(trials), "n_pruned": n_pruned, "best_value": res.best_value,
             "best_params": res.best_params,
-            "mean_trial_s": float(np.mean(res.per_trial_seconds)) if res.per_trial_seconds else None}
+            "mean_trial_s": float(np.mean(res.per_trial_seconds)) if res.per_trial_seconds else None,
+            "study": res.study.study_name, "storage": storage_url(res.study),
+            "predecessor": res.study.user_attrs.get("predecessor"),
+            "warm_start": res.study.user_attrs.get("warm_start")}
     s.update(info)
     # the seed project's location: results/optuna_study.pkl (+ the position study beside it), and the latest tuned
     # parameters where the per-model retrain scripts look for them by default
@@ -369,7 +381,7 @@ def phase_position_study(ctx: RunContext, s: dict[str, Any]) -> None:
     oof = oof_signal_proba(ds, cfg, load_best_params(ctx.run_dir, "signal"))
     try:
         res = run_position_study(ds, cfg, ctx.run_dir, oof.p_long_short, n_trials=cfg.tuning.position_trials,
-                                 timeout=cfg.tuning.timeout_s, storage=ctx.options.storage,
+                                 timeout=cfg.tuning.timeout_s, storage=ctx.study_storage(),
                                  study_name=f"position-{ctx.run_id}", top_up=True, pruner=ctx.pruner())
     except UserError as exc:
         # Too few simulated trades for purged folds is a property of this week's data, not a broken run: the

@@ -64,3 +64,38 @@ def test_random_forest_mode_and_sklearn_wrapper(feats: np.ndarray) -> None:
 def test_empty_trees_predict_zero() -> None:
     ct = empty_trees(3)
     assert predict_raw_batch(ct, np.ones((4, 3))).tolist() == [0.0] * 4
+
+
+def test_lookup_tables_equal_the_walker_at_and_around_every_threshold(feats: np.ndarray) -> None:
+    """The binned tables (the fast path) reach the same leaf as the exact walker, bit for bit, also for inputs
+    exactly on a threshold and one float step either side of it."""
+    from numba import njit
+
+    from backtest.trees import predict_raw_exact
+
+    @njit
+    def exact(trees, X):  # noqa: ANN001, ANN202
+        out = np.empty(X.shape[0])
+        for i in range(X.shape[0]):
+            out[i] = predict_raw_exact(trees, X[i])
+        return out
+
+    rng = np.random.default_rng(5)
+    X = np.nan_to_num(feats[1000:3000, :8].astype(np.float64))
+    y = X[:, 0] * 3 + rng.normal(0, 1, len(X))
+    ct = compile_booster(_train(X, y, "regression"))
+    assert ct.t_ok and ct.missing == 0
+    split = ct.feature >= 0
+    rows = []
+    for f, thr in zip(ct.feature[split], ct.values[split], strict=True):
+        for v in (thr, np.nextafter(thr, -np.inf), np.nextafter(thr, np.inf)):
+            r = X[rng.integers(len(X))].copy()
+            r[f] = v
+            rows.append(r)
+    Z = np.vstack([np.asarray(rows), X])
+    np.testing.assert_array_equal(predict_raw_batch(ct, Z), exact(ct, Z))
+    np.testing.assert_allclose(predict_raw_batch(ct, Z), lgb_predict(ct, Z, X, y), rtol=0, atol=1e-9)
+
+
+def lgb_predict(ct, Z, X, y):  # noqa: ANN001, ANN201
+    return _train(X, y, "regression").predict(Z, raw_score=True)

@@ -67,6 +67,7 @@ from backtest.policy import (
     make_params,
     position_state_features,
     stop_target_distances,
+    stops_from_fill,
     time_exit,
 )
 from backtest.trees import CompiledTrees, compile_booster, empty_trees
@@ -217,8 +218,7 @@ def _simulate_positions(open_: np.ndarray, high: np.ndarray, low: np.ndarray, cl
             continue
         e = t + 1
         entry = entry_fill(open_[e], side, spread[e], p)
-        stop = entry - side * sl_d
-        target = entry + side * tp_d
+        stop, target = stops_from_fill(entry, side, sl_d, tp_d)
         xb, xp, xr = simulate_exit(e, side, entry, stop, target, open_, high, low, close, spread, atr, no_x,
                                    no_trees, False, xbuf, end, p)
         if xr == EXIT_END:

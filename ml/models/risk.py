@@ -44,10 +44,12 @@ from backtest.policy import (
     N_ACC,
     RING,
     VOL_REGIME_BARS,
+    Account,
     Params,
     account_state_features,
     book_exit,
     decision_clock,
+    initial_account,
     make_params,
     replace_params,
     vol_regime_series,
@@ -126,22 +128,20 @@ def _replay_states(fill_bar: np.ndarray, exit_bar: np.ndarray, side: np.ndarray,
                    exit_px: np.ndarray, size: np.ndarray, stop: np.ndarray, hour: np.ndarray,
                    vol_regime: np.ndarray, p: Params, out: np.ndarray) -> None:
     """Account-state rows at each trade's decision, replaying the closed trades as the kernel books them."""
-    equity = p.initial_equity
-    peak = equity
-    loss_streak = 0
-    n_closed = 0
+    acc = initial_account(p.initial_equity)
     ring_win = np.zeros(RING)
     ring_eq = np.zeros(RING)
     abuf = np.empty(N_ACC)
     for k in range(fill_bar.size):
         d = fill_bar[k] - 1
-        account_state_features(abuf, equity, peak, loss_streak, ring_win, ring_eq, n_closed, vol_regime[d], hour[d])
+        account_state_features(abuf, acc.equity, acc.peak, acc.loss_streak, ring_win, ring_eq, acc.n_closed,
+                               vol_regime[d], hour[d])
         for j in range(N_ACC):
             out[k, j] = abuf[j]
         # breaker inputs (day start, blocks, cool-down, halt) do not feed the state features: neutral values
-        _pnl, _r, equity, peak, _db, loss_streak, _cd, _h, n_closed, _t = book_exit(
-            exit_bar[k], side[k], entry[k], exit_px[k], size[k], abs(entry[k] - stop[k]), equity, peak, 0.0, True,
-            loss_streak, 0, True, ring_win, ring_eq, n_closed, p)
+        acc = Account(acc.equity, acc.peak, acc.day, 0.0, True, acc.loss_streak, 0, True, acc.n_closed)
+        _booked, acc = book_exit(exit_bar[k], side[k], entry[k], exit_px[k], size[k], abs(entry[k] - stop[k]), acc,
+                                 ring_win, ring_eq, p)
 
 
 def account_states(trades: Mapping[str, np.ndarray], index: Any, atr: np.ndarray, p: Params) -> np.ndarray:

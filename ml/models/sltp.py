@@ -54,6 +54,7 @@ from backtest.policy import (
     make_params,
     model_exit,
     stop_target_distances,
+    stops_from_fill,
     time_exit,
 )
 from backtest.trees import CompiledTrees, compile_booster
@@ -167,8 +168,7 @@ def _entry_windows(open_: np.ndarray, high: np.ndarray, low: np.ndarray, close: 
             continue
         e = t + 1
         entry = entry_fill(open_[e], side, spread[e], p)
-        stop = entry - side * sl_d
-        target = entry + side * tp_d
+        stop, target = stops_from_fill(entry, side, sl_d, tp_d)
         last = -1
         for b in range(e, end):
             reason = time_exit(b, e, p)

@@ -325,6 +325,7 @@ def run_signal_study(ds: Dataset, cfg: Config, results_dir: Path, n_trials: int 
     study = common.create_or_load_study(name, url, cfg.tuning.seed, pruner=pruner, worker=worker, user_attrs={
         "kind": KIND, "fingerprint": fp, "space_version": SPACE_VERSION, "objective": "mean_k F1_macro x (1 - maxDD)",
         "n_folds": len(ds.splits.folds), "oos_start": int(ds.splits.oos_start)})
+    common.warm_start(study, cfg.tuning.warm_start_trials)
     objective = make_objective(ds, cfg, n_threads=threads, index_hook=index_hook)
     durations = common.optimize(study, objective, KIND, n_trials, timeout=timeout, n_jobs=n_jobs, top_up=top_up)
     result = common.finish(study, durations, results_dir, KIND, extra={

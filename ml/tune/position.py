@@ -215,6 +215,7 @@ def run_position_study(ds: Dataset, cfg: Config, results_dir: Path, p_long_short
         "kind": KIND, "fingerprint": common.fingerprint(ds, cfg, version), "space_version": SPACE_VERSION,
         "objective": "mean_k accuracy x exit_precision @ trading.exit_threshold", "n_folds": len(folds),
         "rows": stats, "oos_start": oos_start})
+    common.warm_start(study, cfg.tuning.warm_start_trials)
     objective = make_objective(rows, folds, cfg, oos_start, index_hook)
     durations = common.optimize(study, objective, KIND, n_trials, timeout=timeout, n_jobs=n_jobs, top_up=top_up)
     return common.finish(study, durations, results_dir, KIND, extra={
