@@ -381,10 +381,3 @@ def copy_set(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[s
     _fsync_dir(dst)
     return copied
 
-
-def file_hashes(folder: str | os.PathLike[str]) -> dict[str, str]:
-    """sha256 of every model file present in ``folder`` as recorded in its manifest (for "what changed" lines)."""
-    folder = Path(folder)
-    if not (folder / MANIFEST).exists():
-        return {}
-    return {k: str(v.get("sha256", "")) for k, v in read_manifest(folder)["models"].items()}
