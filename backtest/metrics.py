@@ -34,6 +34,7 @@ apply in all cases.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -172,6 +173,7 @@ class GateDecision:
     passed: bool
     reason: str
     threshold: float | None  # the score the new run had to reach (None: first run, floors only)
+    explanation: str = ""  # the arithmetic in words, for the report and the registry/git message
 
 
 def _score_of(x: float | Mapping[str, Any]) -> float:
@@ -183,7 +185,25 @@ def gate(new: Mapping[str, Any], baseline: float | Mapping[str, Any] | None, flo
     """Decide whether the new run may replace the baseline (rules in the module docstring).
 
     ``new`` is the new run's metrics (needs ``score``, ``trades``, ``max_drawdown_pct``); ``baseline`` the deployed
-    run's score (or its metrics), or None on the first run. Floors are checked first so the reason names them."""
+    run's score (or its metrics), or None on the first run. Floors are checked first so the reason names them.
+    The decision carries its own ``explanation`` (the arithmetic the report shows), built here where the numbers are.
+    """
+    dec = _decide(new, baseline, floors, improvement)
+    b = baseline.get("score") if isinstance(baseline, Mapping) else baseline
+    if b is None:
+        text = (f"first run: floors only (trades {new['trades']} >= {floors.min_trades}, max DD "
+                f"{new['max_drawdown_pct']:.2f}% <= {floors.max_drawdown_pct}%)")
+    elif dec.threshold is None:
+        text = dec.reason
+    elif b > 0:
+        text = f"new {_score_of(new):.4f} >= baseline {b:.4f} x {1 + improvement:.2f} = {dec.threshold:.4f}"
+    else:
+        text = f"new {_score_of(new):.4f} >= baseline {b:.4f} + {improvement} x |{b:.4f}| = {dec.threshold:.4f}"
+    return dataclasses.replace(dec, explanation=text)
+
+
+def _decide(new: Mapping[str, Any], baseline: float | Mapping[str, Any] | None, floors: Floors,
+            improvement: float) -> GateDecision:
     s_new = _score_of(new)
     trades = int(new["trades"])
     dd = float(new["max_drawdown_pct"])

@@ -32,7 +32,7 @@ from core.errors import UserError, cli_main  # noqa: E402
 from core.paths import Paths  # noqa: E402
 from ops import deploy  # noqa: E402
 from ops.lock import run_lock  # noqa: E402
-from ops.pipeline import PHASES, RunOptions, run_pipeline  # noqa: E402
+from ops.pipeline import PHASE_NAMES, RunOptions, run_pipeline  # noqa: E402
 
 
 def _phases(text: str | None) -> list[int] | None:
@@ -94,7 +94,7 @@ def main() -> int:
     dec = data.get("decision") or {}
     print("\nphase                     status   seconds")
     for p in sorted(data.get("phases", []), key=lambda p: p["number"]):
-        name = dict(PHASES).get(p["number"], p["name"])
+        name = PHASE_NAMES.get(p["number"], p["name"])
         print(f"{p['number']:>2} {name:<22} {p['status']:<8} {p.get('seconds') or 0:>8.1f}")
     total = sum(p.get("seconds") or 0 for p in data.get("phases", []))
     print(f"   {'total':<22} {'':<8} {total:>8.1f}")
