@@ -653,6 +653,7 @@ def run_pipeline(paths: Paths, options: RunOptions, resume: bool = False) -> dic
         options = RunOptions(**state["options"])
         log.info("resuming run %s after phase(s) %s", run_id, state["completed"])
     else:
+        load_config(paths.config)  # an unreadable or invalid config.json stops here: no run folder, no phase
         for rid in unfinished_runs(paths):
             log.warning("run %s did not finish; starting a new run (use --resume to continue it)", rid)
             st = load_state(paths, rid)
