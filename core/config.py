@@ -139,6 +139,9 @@ class DataCfg(_Strict):
     demo_bars: Annotated[int, Field(ge=1000)] = 105_120
     mt5_host: str = "127.0.0.1"
     mt5_port: Annotated[int, Field(ge=1, le=65535)] = 18812
+    # A Parquet candle file (or the store) with more rows than this is refused from its metadata, before reading:
+    # a few MB of Parquet can expand to tens of millions of rows and GBs of memory. 5M M15 bars = 140 years.
+    max_rows: Annotated[int, Field(ge=1000)] = 5_000_000
 
 
 class LabelsCfg(_Strict):

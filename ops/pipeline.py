@@ -241,7 +241,7 @@ def phase_data(ctx: RunContext, s: dict[str, Any]) -> None:
             and real_store.exists()):
         # No live source configured, but real history was imported (refresh_data.py --data FILE): use it rather
         # than the demo; there is nothing to refresh it from.
-        stored = read_store(real_store)
+        stored = read_store(real_store, cfg.data.max_rows)
         f, rep = trim_history(*validate(stored, cfg, str(real_store)), cfg)
         source, new_bars, is_demo = f"store {real_store.name} (no live source configured)", 0, False
     else:
