@@ -25,6 +25,7 @@ from backtest.engine import prepare_arrays  # noqa: E402
 from backtest.sweep import run_sweep, save_sweep, top_rows  # noqa: E402
 from core.config import config_to_json, load_config, parse_config  # noqa: E402
 from core.errors import UserError, cli_main  # noqa: E402
+from core.io import sha256_file  # noqa: E402
 from core.paths import Paths  # noqa: E402
 from market.data import load_candles  # noqa: E402
 from market.dataset import build_dataset  # noqa: E402
@@ -109,7 +110,7 @@ def sweep(paths: Paths, args: argparse.Namespace) -> int:
 def _is_deployed_set(paths: Paths, models: Path) -> bool:
     """The swept folder holds the deployed set: same manifest bytes (the manifest pins every model file's sha256)."""
     deployed = paths.models / "manifest.json"
-    return deployed.is_file() and deploy.sha256_file(deployed) == deploy.sha256_file(models / "manifest.json")
+    return deployed.is_file() and sha256_file(deployed) == sha256_file(models / "manifest.json")
 
 
 if __name__ == "__main__":

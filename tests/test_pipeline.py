@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from core.config import config_to_json, default_config, parse_config
+from core.io import sha256_file
 from core.paths import Paths
 from ops import deploy
 
@@ -230,7 +231,7 @@ def _version_hashes(root: Path, tag: str, dest: Path) -> dict[str, str]:
     from ops.hub import LocalRegistry
 
     got = LocalRegistry(root / "registry").fetch(tag, dest)
-    return {**deploy.hash_models_dir(got / "models"), "config.json": deploy.sha256_file(got / "config.json")}
+    return {**deploy.hash_models_dir(got / "models"), "config.json": sha256_file(got / "config.json")}
 
 
 def test_sigkill_during_sweep_apply_and_each_retrain(committed_root: Path, tmp_path: Path) -> None:
