@@ -239,7 +239,7 @@ def phase_data(ctx: RunContext, s: dict[str, Any]) -> None:
             and real_store.exists()):
         # No live source configured, but real history was imported (refresh_data.py --data FILE): use it rather
         # than the demo; there is nothing to refresh it from.
-        stored = read_store(real_store)
+        stored = read_store(real_store, cfg.data.max_rows)
         f, rep = trim_history(*validate(stored, cfg, str(real_store)), cfg)
         source, new_bars, is_demo = f"store {real_store.name} (no live source configured)", 0, False
     else:
@@ -645,6 +645,7 @@ def run_pipeline(paths: Paths, options: RunOptions, resume: bool = False) -> dic
         options = RunOptions(**state["options"])
         log.info("resuming run %s after phase(s) %s", run_id, state["completed"])
     else:
+        load_config(paths.config)  # an unreadable or invalid config.json stops here: no run folder, no phase
         for rid in unfinished_runs(paths):
             log.warning("run %s did not finish; starting a new run (use --resume to continue it)", rid)
             st = load_state(paths, rid)
