@@ -178,7 +178,7 @@ class GateRules:
     mode: str = "default"
     improvement: float = 0.02
     min_prob_better: float = 0.90
-    min_dsr: float = 0.90
+    min_dsr: float = 0.50
     max_pbo: float = 0.50
     holdout_not_worse: bool = True
 

@@ -192,7 +192,7 @@ class GateCfg(_Strict):
 
     mode: Literal["default", "seed"] = "default"
     min_prob_better: Annotated[float, Field(ge=0, le=1)] = 0.90  # paired block bootstrap, full OOS window
-    min_dsr: Annotated[float, Field(ge=0, le=1)] = 0.90  # deflated Sharpe ratio of the new set on the OOS window
+    min_dsr: Annotated[float, Field(ge=0, le=1)] = 0.50  # deflated Sharpe ratio of the new set on the OOS window
     max_pbo: Annotated[float, Field(ge=0, le=1)] = 0.50  # probability of backtest overfitting of the sweep (CSCV)
     holdout_not_worse: bool = True  # holdout score >= the deployed set's (>= 0 on a first run)
     bootstrap_resamples: Annotated[int, Field(ge=1000, le=200_000)] = 5000

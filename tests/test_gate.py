@@ -11,7 +11,7 @@ from backtest.metrics import Floors, GateRules, gate
 from core.config import default_config, parse_config
 
 FLOORS = Floors(min_trades=30, max_drawdown_pct=20.0, min_score=0.0)
-RULES = GateRules()  # the defaults: 0.90 / 0.90 / 0.50 / holdout not worse
+RULES = GateRules()  # the defaults: P(better) 0.90, DSR 0.50, PBO 0.50, holdout not worse
 
 
 def _m(score: float, trades: int = 50, dd: float = 5.0, ret: float = 3.0) -> dict[str, Any]:
@@ -43,7 +43,7 @@ def test_all_conditions_pass() -> None:
     ("improvement", _m(1.01), _evidence()),
     ("prob_better", _m(2.0), _evidence(paired_full={"ok": True, "prob_better": 0.89, "n_days": 84,
                                                     "resamples": 5000})),
-    ("dsr", _m(2.0), _evidence(dsr={"ok": True, "dsr": 0.899, "n_trials": 1014, "sr0_annual": 3.1,
+    ("dsr", _m(2.0), _evidence(dsr={"ok": True, "dsr": 0.499, "n_trials": 1014, "sr0_annual": 3.1,
                                     "sharpe_annual": 2.9})),
     ("pbo", _m(2.0), _evidence(pbo={"ok": True, "pbo": 0.51, "n_splits": 12870, "prob_oos_loss": 0.4})),
     ("holdout", _m(2.0), _evidence(holdout={"new": _m(0.99), "baseline": _m(1.0)})),
@@ -116,6 +116,6 @@ def test_decision_dict_is_what_the_report_shows() -> None:
     out = d.to_dict()
     assert out["passed"] and out["mode"] == "default" and len(out["conditions"]) == 8
     dsr = next(c for c in out["conditions"] if c["name"] == "dsr")
-    assert dsr["value"] == 0.95 and dsr["threshold"] == 0.9 and dsr["passed"]
+    assert dsr["value"] == 0.95 and dsr["threshold"] == 0.5 and dsr["passed"]
     assert "pure luck in 1 of 20 searches of this size" in dsr["meaning"]
     assert "[ok]" in out["arithmetic"]
