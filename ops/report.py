@@ -174,6 +174,10 @@ def _num(v: Any, nd: int = 3) -> str:
     return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
 
+def _pct(v: Any) -> str:
+    return "-" if not isinstance(v, (int, float)) else f"{100 * v:.4f}%"
+
+
 def why_this_decision(d: dict[str, Any]) -> list[str]:
     """The "Why this decision" section: every gate condition with its number, threshold, pass/fail and meaning,
     then the evidence behind them (including the directional skill, which is reported but not gated) and the two
@@ -202,8 +206,8 @@ def why_this_decision(d: dict[str, Any]) -> list[str]:
                 ci = p.get("ci95") or [None, None]
                 lines.append(f"- {label}: P(new beats deployed) = {_num(p.get('prob_better'))} over "
                              f"{p.get('n_days')} days (block {p.get('block')} days, {p.get('resamples')} resamples, "
-                             f"seed {p.get('seed')}); mean daily difference {_num(100 * p['observed_mean'], 4)}% "
-                             f"(95%: {_num(100 * ci[0], 4)}% .. {_num(100 * ci[1], 4)}%)")
+                             f"seed {p.get('seed')}); mean daily difference {_pct(p.get('observed_mean'))} "
+                             f"(95%: {_pct(ci[0])} .. {_pct(ci[1])})")
             else:
                 lines.append(f"- {label}: not computed ({p.get('reason')})")
         ds = ev.get("dsr") or {}

@@ -119,3 +119,22 @@ def test_decision_dict_is_what_the_report_shows() -> None:
     assert dsr["value"] == 0.95 and dsr["threshold"] == 0.5 and dsr["passed"]
     assert "pure luck in 1 of 20 searches of this size" in dsr["meaning"]
     assert "[ok]" in out["arithmetic"]
+
+
+def test_why_this_decision_in_report_and_telegram() -> None:
+    from ops.report import render_markdown, telegram_text
+
+    ev = _evidence(pbo={"ok": True, "pbo": 0.75, "n_splits": 12870, "prob_oos_loss": 0.6, "blocks": 16,
+                        "block_days": 3, "n_configs": 864},
+                   direction={"ok": True, "long_vs_short": 0.501, "ci95": [0.47, 0.53], "n_decided": 3000,
+                              "long_vs_rest": 0.56, "short_vs_rest": 0.55})
+    d = gate(_m(2.0), _m(1.0), FLOORS, rules=RULES, evidence=ev)
+    rep = {"run_id": "r1", "demo": False, "phases": [], "gate": d.to_dict(), "evidence": ev,
+           "decision": {"action": "rollback", "reason": d.reason}}
+    md = render_markdown(rep)
+    assert "## Why this decision" in md and "| sweep not overfit (`pbo`) | 0.750 | 0.500 | **FAIL** |" in md
+    assert "| better than luck (`dsr`) | 0.950 | 0.500 | pass |" in md
+    assert "long-vs-short AUC 0.501 (95%: 0.470 .. 0.530)" in md and "no directional edge" in md
+    tg = telegram_text(rep)
+    assert "FAIL sweep not overfit" in tg and "PASS beats the deployed set" in tg and "in 75% of the 12870" in tg
+    assert "Direction (not gated): long-vs-short AUC 0.501" in tg
