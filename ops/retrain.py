@@ -1,4 +1,5 @@
-"""Retrain one row of the model table (:mod:`ml.models.specs`) on its own and deploy it: ``scripts/retrain_*.py``.
+"""Retrain one row of the model table (:mod:`ml.models.specs`) on its own and deploy it: ``scripts/retrain_*.py``
+(command lines in :mod:`cli.retrain`).
 
 Steps: check the prerequisites in ``models/`` (milliseconds, before any data is loaded), load and validate the
 candles, build the dataset and run the look-ahead self-check; seed a staging folder with the deployed models
@@ -16,16 +17,13 @@ write them there), else the model's defaults. The signal models take ``{"model_p
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import shutil
-from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from core.config import Config, load_config, load_dotenv_file
+from core.config import Config
 from core.errors import UserError
 from core.paths import Paths
 from ml.models.specs import SPECS, ModelSpec
@@ -159,44 +157,3 @@ def _train_and_stage(spec: ModelSpec, paths: Paths, ds: Any, cfg: Config, params
                      f"({scripts})")
     return lines, t
 
-
-def main_for(name: str) -> Callable[[], int]:
-    """The ``main`` of ``scripts/retrain_<name>.py`` (the four scripts share it)."""
-    spec = SPECS[name]
-
-    def main() -> int:
-        needs = f" (needs: {', '.join(spec.prerequisites)})" if spec.prerequisites else ""
-        ap = argparse.ArgumentParser(description=f"Retrain the {spec.label} and deploy atomically{needs}")
-        ap.add_argument("--root", default=None, help="run root with config.json, data/, models/ (default: the "
-                                                     "repository)")
-        ap.add_argument("--data", default=None, help="candle file to train on instead of the store")
-        ap.add_argument("--demo", action="store_true", help="train on the seeded demo candles (DEMO models)")
-        ap.add_argument("--params", default=None, help=f"JSON of tuned parameters (default: results/"
-                                                       f"{spec.params_file} if present, else the defaults)")
-        ap.add_argument("--run-id", default=None, help="id of the staging folder / backup / registry tag")
-        if spec.nested_params:
-            ap.add_argument("--n-jobs", type=int, default=None,
-                            help="threads for every model (default: the forest on all cores, the boosters on one)")
-        ap.add_argument("--stage-only", action="store_true", help="write staging/<run-id>/models but do not deploy")
-        args = ap.parse_args()
-        if args.data and args.demo:
-            ap.error("--data and --demo exclude each other")
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-        paths = Paths.of(args.root)
-        load_dotenv_file(paths.root)
-        cfg = load_config(paths.config)
-        short = spec.script.removeprefix("retrain_").removesuffix(".py")
-        run_id = args.run_id or f"retrain-{short}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
-
-        from ops.deploy import recover
-        from ops.lock import run_lock
-
-        with run_lock(paths):
-            note = recover(paths)
-            if note:
-                print(f"recovered: {note}")
-            retrain(spec, paths, cfg, args.data, args.demo, args.params, run_id, args.stage_only,
-                    getattr(args, "n_jobs", None))
-        return 0
-
-    return main
