@@ -151,7 +151,7 @@ def train_booster(X: np.ndarray, y: np.ndarray, params: dict[str, Any], rounds: 
 class PositionModel:
     """A LightGBM binary booster on ``POSITION_STATE_FEATURES + market_features`` (in that order).
 
-    Picklable (LightGBM boosters pickle as their model string). The backtester compiles ``booster`` with
+    Saved as LightGBM model text + JSON (:meth:`to_archive`, never a pickle). The backtester compiles ``booster`` with
     :func:`backtest.trees.compile_booster` and feeds it the same row layout (``Predictor.exit_model``)."""
 
     booster: lgb.Booster
@@ -183,6 +183,24 @@ class PositionModel:
         if missing:
             raise UserError(f"position model needs feature columns {missing} that the feature list lacks")
         return self.compiled(), np.asarray([names.index(c) for c in self.market_features], dtype=np.int64)
+
+    # ---------------------------------------------------------------------------- persistence (ml.models.archive)
+    def to_archive(self) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """(meta, members): the booster as LightGBM model text, everything else as JSON (no pickle)."""
+        from ml.models.archive import lgb_text
+
+        meta = {"type": "position", "market_features": list(self.market_features), "params": self.params,
+                "seed": int(self.seed), "info": self.info}
+        return meta, {"booster.lgb.txt": lgb_text(self.booster)}
+
+    @classmethod
+    def from_archive(cls, meta: Mapping[str, Any], files: Mapping[str, bytes], what: str) -> PositionModel:
+        """Inverse of :meth:`to_archive` (the archive was verified by the caller)."""
+        from ml.models.archive import lgb_from_text, member
+
+        return cls(booster=lgb_from_text(member(files, "booster.lgb.txt", what), what),
+                   market_features=[str(f) for f in meta["market_features"]], params=dict(meta["params"]),
+                   seed=int(meta["seed"]), info=dict(meta["info"]))
 
 
 # ============================================================================================ the simulation

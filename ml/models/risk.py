@@ -104,6 +104,26 @@ class RiskModel:
         """The booster as arrays (what ``Predictor.risk_model`` returns)."""
         return compile_booster(self.booster)
 
+    # ---------------------------------------------------------------------------- persistence (ml.models.archive)
+    def to_archive(self) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """(meta, members): the booster as LightGBM model text, everything else as JSON (no pickle)."""
+        from ml.models.archive import lgb_text
+
+        meta = {"type": "risk", "mult_min": float(self.mult_min), "mult_max": float(self.mult_max),
+                "feature_names": list(self.feature_names), "params": self.params, "seed": int(self.seed),
+                "info": self.info}
+        return meta, {"booster.lgb.txt": lgb_text(self.booster)}
+
+    @classmethod
+    def from_archive(cls, meta: Mapping[str, Any], files: Mapping[str, bytes], what: str) -> RiskModel:
+        """Inverse of :meth:`to_archive` (the archive was verified by the caller)."""
+        from ml.models.archive import lgb_from_text, member
+
+        return cls(booster=lgb_from_text(member(files, "booster.lgb.txt", what), what),
+                   mult_min=float(meta["mult_min"]), mult_max=float(meta["mult_max"]),
+                   feature_names=[str(f) for f in meta["feature_names"]], params=dict(meta["params"]),
+                   seed=int(meta["seed"]), info=dict(meta["info"]))
+
 
 # ================================================================================================== labels
 def risk_labels(r_multiple: np.ndarray, mult_min: float, mult_max: float, *, window: int = WINDOW,

@@ -119,6 +119,27 @@ class SltpModel:
         """Both boosters as arrays (for a compiled caller)."""
         return compile_booster(self.sl_booster), compile_booster(self.tp_booster)
 
+    # ---------------------------------------------------------------------------- persistence (ml.models.archive)
+    def to_archive(self) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """(meta, members): both boosters as LightGBM model text, everything else as JSON (no pickle)."""
+        from ml.models.archive import lgb_text
+
+        meta = {"type": "sl_tp", "feature_names": list(self.feature_names), "clip": list(self.clip),
+                "quantiles": list(self.quantiles), "params": self.params, "seed": int(self.seed), "info": self.info}
+        return meta, {"sl.lgb.txt": lgb_text(self.sl_booster), "tp.lgb.txt": lgb_text(self.tp_booster)}
+
+    @classmethod
+    def from_archive(cls, meta: Mapping[str, Any], files: Mapping[str, bytes], what: str) -> SltpModel:
+        """Inverse of :meth:`to_archive` (the archive was verified by the caller)."""
+        from ml.models.archive import lgb_from_text, member
+
+        lo, hi = (float(v) for v in meta["clip"])
+        q_sl, q_tp = (float(v) for v in meta["quantiles"])
+        return cls(sl_booster=lgb_from_text(member(files, "sl.lgb.txt", what), what),
+                   tp_booster=lgb_from_text(member(files, "tp.lgb.txt", what), what),
+                   feature_names=[str(f) for f in meta["feature_names"]], clip=(lo, hi), quantiles=(q_sl, q_tp),
+                   params=dict(meta["params"]), seed=int(meta["seed"]), info=dict(meta["info"]))
+
 
 # ================================================================================================== labels
 @njit(cache=True)
