@@ -32,7 +32,6 @@ from ml.models.manifest import (
     MANIFEST,
     SIGNAL_KEYS,
     ModelError,
-    ModelIntegrityError,
     _show,
     _verified_bytes,
     decode_verified,
@@ -210,10 +209,10 @@ def load_deployed(paths: Any, *, config_path: str | os.PathLike[str] | None = No
         try:
             cfg = load_config(cfg_file)
             bundle = load_bundle(folder, feature_names(cfg), signing=key)
-        except ModelIntegrityError:
-            raise
         except ModelError as exc:
-            if _snapshot(journal, cfg_file, folder / MANIFEST) != before:  # the set moved under us: retry
+            # a switch between reading the manifest and a file looks like a modified file: retry only when the
+            # state did move; an integrity failure of a state that stood still is never retried away
+            if _snapshot(journal, cfg_file, folder / MANIFEST) != before:
                 last = f"models/ changed while being read ({exc})"
                 continue
             raise

@@ -547,7 +547,10 @@ def require(folder: str | os.PathLike[str], keys: Iterable[str], for_what: str) 
     folder = Path(folder)
     keys = list(keys)
     manifest_path = folder / MANIFEST
-    table: dict[str, Any] = read_manifest(folder)["models"] if manifest_path.exists() else {}
+    manifest = read_manifest(folder) if manifest_path.exists() else {"format": FORMAT_VERSION, "models": {}}
+    if _is_legacy(manifest):
+        check_signature(folder, manifest, None)  # a pre-signing set: say so, not "file missing"
+    table: dict[str, Any] = manifest["models"]
     for key in keys:
         fname = _check_key(key)
         group, script = _PRODUCER[key]
