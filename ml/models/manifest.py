@@ -35,7 +35,6 @@ import logging
 import os
 import platform
 import secrets
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
+from core.io import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -159,45 +159,6 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the bot may run as another user
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _sha256_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
 # ------------------------------------------------------------------------------------------------ signing key
 def key_root(folder: str | os.PathLike[str]) -> Path:
     """The run root whose key file signs ``folder``: the nearest ancestor *above* it holding a key file or a
@@ -264,7 +225,7 @@ def _create_key_file(path: Path) -> None:
             os.link(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def signing_key(root: str | os.PathLike[str] | None = None, *, folder: str | os.PathLike[str] | None = None,
@@ -394,7 +355,7 @@ def _write_manifest(folder: Path, manifest: dict[str, Any], key: bytes, *, touch
     manifest = _jsonable(manifest)
     sign_manifest(manifest, key)
     text = json.dumps(manifest, indent=2, sort_keys=False, allow_nan=False) + "\n"
-    _atomic_write_bytes(folder / MANIFEST, text.encode("utf-8"))
+    atomic_write_bytes(folder / MANIFEST, text.encode("utf-8"))
 
 
 def _utc_now() -> str:
@@ -419,7 +380,7 @@ def save_model(folder: str | os.PathLike[str], key: str, obj: Any, *, feature_na
     data = encode(obj)
     manifest = _read_or_empty(dest, sig_key) if dest.exists() else {"format": FORMAT_VERSION, "models": {}}
     dest.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(dest / fname, data)
+    atomic_write_bytes(dest / fname, data)
     entry = {
         "file": fname,
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -579,14 +540,8 @@ def copy_set(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, signin
     for key, fname in FILES.items():
         target = dst / fname
         if key in table:
-            tmp = dst / f".{fname}.copy.tmp"
-            shutil.copyfile(src / fname, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            if _sha256_file(tmp)[0] != table[key]["sha256"]:  # the source changed after verify: never re-sign that
-                tmp.unlink(missing_ok=True)
-                raise ModelIntegrityError(f"{_show(src / fname)} changed while being copied: refusing to sign it")
-            os.replace(tmp, target)
+            # the bytes written are the bytes hash-checked here (a file swapped after verify is never re-signed)
+            atomic_write_bytes(target, _verified_bytes(src, key, table[key], None))
             copied.append(key)
         else:
             target.unlink(missing_ok=True)
@@ -597,7 +552,7 @@ def copy_set(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, signin
         _write_manifest(dst, manifest, key, touch=False)
     else:
         (dst / MANIFEST).unlink(missing_ok=True)
-    _fsync_dir(dst)
+    fsync_dir(dst)
     return copied
 
 
@@ -627,11 +582,3 @@ def sign_set(folder: str | os.PathLike[str], *, signing: bytes | None = None) ->
     key = signing if signing is not None else signing_key(folder=folder, create=True)
     _write_manifest(folder, manifest, key, touch=False)
     return {"key_id": key_id(key), "files": sorted(manifest["models"])}
-
-
-def file_hashes(folder: str | os.PathLike[str]) -> dict[str, str]:
-    """sha256 of every model file present in ``folder`` as recorded in its manifest (for "what changed" lines)."""
-    folder = Path(folder)
-    if not (folder / MANIFEST).exists():
-        return {}
-    return {k: str(v.get("sha256", "")) for k, v in read_manifest(folder)["models"].items()}
