@@ -208,13 +208,18 @@ def phase_preflight(ctx: RunContext, s: dict[str, Any]) -> None:
         s["baseline"] = None
         s["note"] = "no deployed models: first run, only the absolute floors apply"
         return
+    from ml.models.manifest import ModelIntegrityError, verify
+
     try:
         from market.data import load_candles
 
+        verify(paths.models)  # signature + hashes of the deployed set itself (errors name models/, not the backup)
         candles = load_candles(ctx.run_cfg, paths, ctx.options.data, ctx.options.demo)
         ds = build_dataset(candles, ctx.run_cfg)
         m, _ = _backtest(b.models_dir, cfg, ds, {"full": _oos_windows(ds)["full"]})
         s["baseline"] = m["full"]
+    except ModelIntegrityError:
+        raise  # unsigned, forged or modified: a security event, never "no baseline" (see ml.models.manifest)
     except UserError as exc:
         s["baseline"] = None
         s["note"] = f"the deployed models could not be evaluated ({exc}); only the floors apply"
@@ -284,12 +289,14 @@ def phase_shap(ctx: RunContext, s: dict[str, Any]) -> None:
     cfg = ctx.run_cfg
     models = None
     if _has_models(ctx.paths.models):
-        try:
-            from ml.models.manifest import load_model
+        from ml.models.manifest import ModelIntegrityError, load_model
 
+        try:
             models = {m: underlying(load_model(ctx.paths.models, f"signal_{m}", ds.feature_names))
                       for m in SIGNAL_MODELS}
             s["models"] = "deployed"
+        except ModelIntegrityError:
+            raise  # never degrade around a set that fails its integrity check
         except UserError as exc:
             log.warning("SHAP on fresh default models: deployed ones unusable (%s)", exc)
     if models is None:
