@@ -63,6 +63,7 @@ SIGNATURE_ALG = "hmac-sha256"
 _SIGN_CONTEXT = b"weekly-optimizer model manifest v2\n"  # domain separation: this key signs nothing else
 RESIGN_HINT = "scripts/sign_models.py"
 SIGNAL_KEYS = ("signal_rf", "signal_xgb", "signal_lgb")
+FILE_MODE = 0o644  # model files and manifest: readable by the bot, which may run as another user
 # which script (re)creates a key, and how to name the group in a prerequisite message
 _PRODUCER = {
     "signal_rf": ("the signal models", "retrain_signal.py"),
@@ -355,7 +356,7 @@ def _write_manifest(folder: Path, manifest: dict[str, Any], key: bytes, *, touch
     manifest = _jsonable(manifest)
     sign_manifest(manifest, key)
     text = json.dumps(manifest, indent=2, sort_keys=False, allow_nan=False) + "\n"
-    atomic_write_bytes(folder / MANIFEST, text.encode("utf-8"))
+    atomic_write_bytes(folder / MANIFEST, text.encode("utf-8"), mode=FILE_MODE)
 
 
 def _utc_now() -> str:
@@ -380,7 +381,7 @@ def save_model(folder: str | os.PathLike[str], key: str, obj: Any, *, feature_na
     data = encode(obj)
     manifest = _read_or_empty(dest, sig_key) if dest.exists() else {"format": FORMAT_VERSION, "models": {}}
     dest.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(dest / fname, data)
+    atomic_write_bytes(dest / fname, data, mode=FILE_MODE)
     entry = {
         "file": fname,
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -541,7 +542,7 @@ def copy_set(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, signin
         target = dst / fname
         if key in table:
             # the bytes written are the bytes hash-checked here (a file swapped after verify is never re-signed)
-            atomic_write_bytes(target, _verified_bytes(src, key, table[key], None))
+            atomic_write_bytes(target, _verified_bytes(src, key, table[key], None), mode=FILE_MODE)
             copied.append(key)
         else:
             target.unlink(missing_ok=True)
