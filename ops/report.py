@@ -297,8 +297,9 @@ def telegram_text(d: dict[str, Any]) -> str:
     data = d.get("data") or {}
     if data.get("gaps"):
         out.append(f"Data gaps: {len(data['gaps'])}")
-    times = ", ".join(f"{p['number']}:{_fmt(p.get('seconds'), 0)}s" for p in sorted(d.get("phases", []),
-                                                                                   key=lambda p: p["number"]))
+    # the text is built while phase 13 still runs (its seconds are not known yet): "13:0s", never "13:Nones"
+    times = ", ".join(f"{p['number']}:{_fmt(float(p.get('seconds') or 0), 0)}s"
+                      for p in sorted(d.get("phases", []), key=lambda p: p["number"]))
     out.append(f"Phases: {times}")
     if d.get("model_hash"):
         out.append(f"Models: {str(d['model_hash'])[:16]}")

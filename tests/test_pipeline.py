@@ -140,7 +140,7 @@ def test_failed_gate_rolls_back_byte_identical(committed_root: Path, tmp_path: P
 
 def test_second_start_while_locked_exits_3(committed_root: Path, tmp_path: Path) -> None:
     root = _copy(committed_root, tmp_path / "root")
-    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
+    code = ("import time\n"
             "from core.paths import Paths\nfrom ops.lock import run_lock\n"
             f"with run_lock(Paths.of({str(root)!r})):\n    print('locked', flush=True)\n    time.sleep(60)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
