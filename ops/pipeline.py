@@ -536,7 +536,9 @@ def _evidence(ctx: RunContext, ds: Dataset, ev: dict[str, Any], new_res: dict[st
                            {"new": ev.get("new_holdout"), "baseline": ev.get("baseline_holdout")},
                            (arrays.p_long[s0:e0], arrays.p_short[s0:e0], lab["label"].to_numpy(),
                             lab["valid"].to_numpy()),
-                           resamples=g.bootstrap_resamples, seed=g.bootstrap_seed, pbo_blocks=g.pbo_blocks)
+                           resamples=g.bootstrap_resamples, seed=g.bootstrap_seed, pbo_blocks=g.pbo_blocks,
+                           **({"no_baseline": f"the deployed set could not be evaluated: {ev['baseline_error']}"}
+                              if "baseline_error" in ev else {}))
     demo = " - DEMO DATA" if ds.is_demo else ""
     pb, pbo = out["paired_full"], out["pbo"]
     if pb.get("ok"):
