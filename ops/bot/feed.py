@@ -132,7 +132,8 @@ class FileFeed:
         ns = idx.as_unit("ns").asi8
         gaps = np.flatnonzero(np.diff(ns) > cfg.data.max_gap_minutes * 60 * 1_000_000_000) + 1
         check_window_gaps(idx, gaps, self.start, self.end, cfg.data.max_gap_minutes)
-        self._bars = bars_from_frame(self.candles)
+        self._lo = max(0, self.start - 4 * 880)  # only the stretch a run can ask for becomes Bar objects
+        self._bars = bars_from_frame(self.candles.iloc[self._lo:self.end])
         self._ns = ns
 
     def position(self, time_ns: int) -> int:
@@ -142,13 +143,13 @@ class FileFeed:
     def history(self, n: int, until_ns: int | None) -> list[Bar]:
         """The ``n`` bars before the window start (``until_ns`` None) or up to and including ``until_ns``."""
         stop = self.start if until_ns is None else self.position(until_ns) + 1
-        return self._bars[max(0, stop - n):stop]
+        return self._bars[max(0, stop - n - self._lo):stop - self._lo]
 
     def poll(self, after_ns: int | None, limit: int = 256) -> list[Bar]:
         """The next bars of the window after ``after_ns`` (a batch; empty when the window is done)."""
         i = self.start if after_ns is None else self.position(after_ns) + 1
         i = max(i, self.start)
-        return self._bars[i:min(self.end, i + limit)]
+        return self._bars[i - self._lo:min(self.end, i + limit) - self._lo]
 
     def is_last(self, bar: Bar) -> bool:
         return self.position(bar.time_ns) == self.end - 1

@@ -392,9 +392,9 @@ class Bot:
         day = bar.time.strftime("%Y-%m-%d")
         new_day = self.last is None or self.last.time.strftime("%Y-%m-%d") != day
         if new_day:  # the day's start state and the bars before it: what --parity DAY replays from
-            atomic_write_json(self.dir / "days" / f"{day}.json",
-                              {"bar": n, "state": self.trader.state.to_dict(), "window": self.window.to_json(),
-                               "set": self.deployed.id}, indent=None)
+            self._write_json(self.dir / "days" / f"{day}.json",
+                             {"bar": n, "state": self.trader.state.to_dict(), "window": self.window.to_json(),
+                              "set": self.deployed.id})
         self.check_swap(n, day)
         self.window.extend([bar])
         row, atr = self.window.features(self.deployed.cfg)
@@ -442,12 +442,23 @@ class Bot:
                 self.daily_parity(self.journal.days()[-2])
         return line
 
+    def _write_json(self, path: Path, obj: Any) -> None:
+        """Atomic always (temp + rename: a kill leaves the old or the new file); durable (fsync, core.io) unless the
+        feed is a recorded file, where a power cut only means replaying the file again and fsync would dominate."""
+        if self.opts.fsync:
+            atomic_write_json(path, obj, indent=None)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(obj) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
     def save(self) -> None:
-        atomic_write_json(self.state_path, {
+        self._write_json(self.state_path, {
             "version": STATE_VERSION, "mode": self.opts.mode, "bar": self.bar_no,
             "last": asdict(self.last) if self.last else None, "trader": self.trader.state.to_dict(),
             "set": self.deployed.id, "start_state": self.start_state,
-        }, indent=None)
+        })
 
     def _execute(self, line: dict[str, Any], rep: BarReport, send_orders: bool) -> None:
         """--live: mirror the decision at the broker (entry with stop/target, or a market exit)."""
