@@ -316,10 +316,9 @@ class Bot:
             self.start_state = saved.get("start_state")
             if saved.get("set") != self.deployed.id:
                 self.event("set_changed_while_stopped", was=saved.get("set"), now=self.deployed.id)
-            cut = self.journal.cut_after(self.bar_no)
-            log.info("resumed at bar %d (%s), %s; %d unfinished journal line(s) cut", self.bar_no,
-                     self.last.time if self.last else "-", "in a position" if state.side else "flat", cut)
-            self.event("resume", bar=self.bar_no, cut=cut, side=state.side)
+            log.info("resuming at bar %d (%s), %s", self.bar_no, self.last.time if self.last else "-",
+                     "in a position" if state.side else "flat")
+            self.event("resume", bar=self.bar_no, side=state.side)
         else:
             state = None
             self.event("start", set=self.deployed.id, mode=self.opts.mode)
@@ -331,6 +330,9 @@ class Bot:
         if self.last is None and len(self.window.t):  # a fresh start: the history's last bar is the last one used
             self.last = Bar(int(self.window.t[-1]), *(float(x) for x in self.window.v[:, -1]))
             self.bar_no = self._number(self.last) if hasattr(self.feed, "position") else len(self.window.t) - 1
+        cut = self.journal.cut_after(self.bar_no)  # lines of bars the saved state does not include (a kill)
+        if cut:
+            log.info("%d unfinished journal line(s) after bar %d cut", cut, self.bar_no)
         if self.opts.mode == "live":
             self.reconcile()
 
