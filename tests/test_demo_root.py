@@ -1,0 +1,43 @@
+"""`bash scripts/demo.sh` leaves the repository as it was: the demo runs in its own git-ignored root with its own
+copy of config.json, and a root's lock file is ignored by git."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (REPO / ".git").exists(), reason="needs a git checkout")
+def test_demo_root_and_lock_file_are_ignored_by_git() -> None:
+    r = subprocess.run(["git", "check-ignore", "--no-index", ".demo/config.json", ".demo/models/manifest.json",
+                        ".weekly_optimize.lock", ".demo/.weekly_optimize.lock"], cwd=REPO, capture_output=True,
+                       text=True)
+    assert r.stdout.split() == [".demo/config.json", ".demo/models/manifest.json", ".weekly_optimize.lock",
+                                ".demo/.weekly_optimize.lock"], r.stdout + r.stderr
+    assert "ROOT=\"${DEMO_ROOT:-.demo}\"" in (REPO / "scripts" / "demo.sh").read_text()
+
+
+def test_demo_runs_in_its_own_root_with_its_own_config(tmp_path: Path) -> None:
+    shipped = _sha(REPO / "config.json")
+    demo_root = tmp_path / "demo"
+    env = {**os.environ, "DEMO_ROOT": str(demo_root), "DEMO_PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), "--phases", "1"], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"demo root: {demo_root}" in r.stdout
+    assert _sha(demo_root / "config.json") == shipped  # a copy, which the demo's commits may change
+    assert list((demo_root / "results").glob("*/report.md"))
+    assert (demo_root / ".weekly_optimize.lock").exists()
+    assert _sha(REPO / "config.json") == shipped
