@@ -58,8 +58,9 @@ class Paths:
         return self.root / ".deploy_journal.json"
 
 
-_PID_TMP = re.compile(r"^\..+\.(\d+)\.tmp$")  # .BTCUSD_M15.parquet.<pid>.tmp (market.data.store.write_store)
-_CONFIG_TMP = re.compile(r"^\.config\..+\.tmp$")  # .config.<random>.tmp (a config write in the root)
+# .<name>.tmp.<pid>-<random><suffix> (core.io.atomic_write) and the older .<name>.<pid>.tmp (store writes before it)
+_PID_TMP = re.compile(r"^\..+\.tmp\.(\d+)-[0-9a-f]+(\.[A-Za-z0-9]+)?$|^\..+\.(\d+)\.tmp$")
+_CONFIG_TMP = re.compile(r"^\.config\.[^.]+\.tmp$")  # .config.<random>.tmp (mkstemp config writes in the root)
 
 
 def remove_stale_temp_files(paths: Paths) -> list[str]:
@@ -76,7 +77,8 @@ def remove_stale_temp_files(paths: Paths) -> list[str]:
             m = pattern.match(f.name)
             if not m or not f.is_file():
                 continue
-            if m.groups() and _alive(int(m.group(1))):
+            pid = next((int(g) for g in m.groups() if g and g.isdigit()), None)
+            if pid is not None and _alive(pid):
                 continue
             with contextlib.suppress(OSError):
                 f.unlink()

@@ -115,13 +115,15 @@ def test_temp_files_of_a_killed_write_are_removed_at_the_next_start(tmp_root: Pa
     dead_pid = int(dead.stdout)
     stale = tmp_root / "data" / f".BTCUSD_M15.parquet.{dead_pid}.tmp"
     stale.write_bytes(b"PAR1 half a file")
+    stale_io = tmp_root / "data" / f".BTCUSD_M15.parquet.tmp.{dead_pid}-0a1b2c3d.parquet"  # core.io's naming
+    stale_io.write_bytes(b"PAR1 half a file")
     cfg_tmp = tmp_root / ".config.k2j3h4.tmp"
     cfg_tmp.write_text("{")
     live = tmp_root / "data" / f".BTCUSD_M15.parquet.{os.getppid()}.tmp"  # a writer that is still alive
     live.write_bytes(b"in progress")
     res = run_refresh(tmp_root, "--data", str(write_csv(good_frame(), tmp_path / "a.csv")))
     assert res.returncode == 0, res.stderr
-    assert not stale.exists() and not cfg_tmp.exists()
+    assert not stale.exists() and not stale_io.exists() and not cfg_tmp.exists()
     assert live.exists()
     assert f"removed data/{stale.name}" in res.stderr
     assert remove_stale_temp_files(Paths.of(tmp_root)) == []

@@ -11,8 +11,6 @@ The Parquet schema metadata keeps where the bars came from (``ml.source``) and w
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import pyarrow.parquet as pq
 
 from core.config import Config
 from core.errors import UserError
+from core.io import atomic_write
 from core.paths import Paths
 from market.data.sources import COLUMNS, PRICE_COLUMNS, check_parquet_rows
 
@@ -69,17 +68,6 @@ def read_store(path: Path, max_rows: int | None = None) -> pd.DataFrame | None:
     return out
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX only: Windows cannot open a folder for fsync)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_store(path: Path, frame: pd.DataFrame, symbol: str = "") -> None:
     """Write ``frame`` (validated standard frame) to ``path`` atomically; the old file stays until the rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,18 +77,12 @@ def write_store(path: Path, frame: pd.DataFrame, symbol: str = "") -> None:
     meta[_META_DEMO] = b"1" if frame.attrs.get("demo") else b"0"
     meta[_META_SYMBOL] = symbol.encode()
     table = table.replace_schema_metadata(meta)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             pq.write_table(table, fh, compression="zstd")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
+
+    atomic_write(path, write)
 
 
 def merge(old: pd.DataFrame | None, new: pd.DataFrame) -> pd.DataFrame:
