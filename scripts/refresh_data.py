@@ -4,8 +4,9 @@
 Sources: ``--data FILE`` (MT5 export or plain CSV/Parquet), ``--demo`` (the seeded generator), else what config.json
 says (MT5 when configured - data.source "mt5", or "auto" with MT5_LOGIN set - else data.file, else the demo).
 Bad data or config: one line on stderr, exit code 2, and the store and config.json untouched. A file is merged into
-the store (new bars added, overlapping bars must agree); ``--replace`` makes the file the whole store instead. The
-script holds the root's run lock (as the weekly job does): while a run holds it, it exits 3 at once.
+the store (new bars added, overlapping bars must agree); ``--replace`` makes the file (or MT5) the whole store
+instead, keeping the previous store under ``data/replaced/``. The script holds the root's run lock (as the weekly job
+does): while a run holds it, it exits 3 at once.
 
     python scripts/refresh_data.py --data ../shared/data/BTCUSDT_15m_2023_2024.csv
     python scripts/refresh_data.py --demo --root /tmp/run1
@@ -33,12 +34,13 @@ def main() -> int:
     ap.add_argument("--data", default=None, help="candle file to validate and store instead of the configured source")
     ap.add_argument("--demo", action="store_true", help="use the seeded demo generator (stored as ..._DEMO.parquet)")
     ap.add_argument("--replace", action="store_true",
-                    help="with --data: replace the stored history by the file instead of merging (drops stored bars)")
+                    help="replace the stored history by the file (or by MT5's history) instead of merging; the "
+                         "previous store is kept under data/replaced/")
     args = ap.parse_args()
     if args.data and args.demo:
         ap.error("--data and --demo exclude each other")
-    if args.replace and not args.data:
-        ap.error("--replace needs --data FILE")
+    if args.replace and args.demo:
+        ap.error("--replace does not apply to --demo (the demo store is regenerated from its seed)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
     paths = Paths.of(args.root)
