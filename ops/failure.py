@@ -97,7 +97,10 @@ def end_failed_run(paths: Paths, run_id: str, cfg: Config | None, report: RunRep
     report.data["failure"] = failure
     report.data["decision"] = {"action": "failed",
                                "reason": f"phase {number} ({name}) failed: {reason}. Deployed state: {how}"}
-    report.data.setdefault("notes", []).append(f"run failed in phase {number} ({name}); deployed state: {how}")
+    notes = report.data.setdefault("notes", [])
+    notes.append(f"run failed in phase {number} ({name}); deployed state: {how}")
+    notes.append(f"fix the cause, then `scripts/weekly_optimize.py --resume` retries from phase {number} "
+                 "(or the next scheduled run starts afresh)")
     try:
         report.save()
     except OSError as err:
