@@ -717,6 +717,8 @@ def run_pipeline(paths: Paths, options: RunOptions, resume: bool = False) -> dic
     cfg_path = paths.results / run_id / "config.old.json"
     cfg = load_config(cfg_path if cfg_path.exists() else paths.config)
     report = RunReport(paths.results / run_id, run_id, demo=options.demo)
+    if report.data.pop("failure", None) is not None:  # a resumed failed run: its notes keep the earlier failure
+        report.data["decision"] = None
     report.set("options", options.to_dict())
     ctx = RunContext(paths=paths, run_id=run_id, options=options, report=report, cfg=cfg)
     wanted = options.phases or [n for n, _ in PHASES]

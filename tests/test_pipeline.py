@@ -317,3 +317,27 @@ def test_too_few_trades_for_the_risk_model_degrades_instead_of_failing(committed
     assert "made only" in summary["skipped"] and "(need 50)" in summary["skipped"]
     assert summary["fallback"] == "risk multiplier 1.0"
     assert any(n.startswith("risk model not trained") for n in ctx.report.data["notes"])
+
+
+def test_failed_run_can_be_resumed_once_the_cause_is_fixed(tmp_path: Path) -> None:
+    """A failed phase leaves the run resumable: fix the data, --resume retries from the failed phase and finishes;
+    the report no longer says failed (its notes keep the earlier failure)."""
+    from test_data_validate import good_frame, write_csv
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "config.json").write_text(small_config())
+    data = tmp_path / "candles.csv"
+    df = good_frame(3000)
+    bad = df.copy()
+    bad.loc[100, "high"] = bad.loc[100, "low"] - 1.0
+    write_csv(bad, data)
+    r = run_job(root, "--phases", "1-2", "--data", str(data), demo=False)
+    assert r.returncode == 4 and "failed in phase 2 (data)" in r.stderr, r.stderr
+    write_csv(df, data)
+    r = run_job(root, "--resume", demo=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rep = _last_report(root)
+    assert "failure" not in rep and [p["status"] for p in rep["phases"]] == ["ok", "ok"]
+    assert any("run failed in phase 2" in n for n in rep["notes"])
+    assert json.loads((root / "results" / rep["run_id"] / "state.json").read_text())["finished"] is True
