@@ -71,7 +71,7 @@ from backtest.policy import (
 )
 from backtest.trees import CompiledTrees, compile_booster, empty_trees
 from core.config import Config, default_config
-from core.errors import UserError
+from core.errors import TooFewTrades, UserError
 
 DEFAULT_MARKET_FEATURES: list[str] = [
     # short-term momentum and mean-reversion context, volatility state and the hourly trend: what tells a trader that
@@ -404,7 +404,7 @@ def fit_position_model(X: np.ndarray, y: np.ndarray, params: Mapping[str, Any] |
         raise ValueError(f"X has {X.shape[1]} columns; expected {N_POS} state + {len(mf)} market features")
     y = np.asarray(y)
     if y.size == 0 or np.unique(y).size < 2:
-        raise UserError(f"position model: need both exit and hold examples, got {y.size} rows with classes "
+        raise TooFewTrades(f"position model: need both exit and hold examples, got {y.size} rows with classes "
                         f"{np.unique(y).tolist()} (too little data or threshold too high)")
     lp, rounds, es = lgb_params(DEFAULT_PARAMS, params, seed, {"objective": "binary", "metric": "binary_logloss"})
     booster, info = train_booster(X, y, lp, rounds, es, [*POSITION_STATE_FEATURES, *mf], eval_set, sample_weight)
@@ -499,7 +499,7 @@ def train_position(ds: Any, cfg: Config | None, models_dir_with_signal: Path | s
     va = position_rows(ds, pls, cfg, cal_pos, market_features)
     t_rows = time.perf_counter() - t0 - t_sig
     if tr.y.size < 50 or va.y.size < 10:
-        raise UserError(f"position model: only {tr.trades.n} training / {va.trades.n} validation trades "
+        raise TooFewTrades(f"position model: only {tr.trades.n} training / {va.trades.n} validation trades "
                         f"(rows {tr.y.size} / {va.y.size}); lower trading.confidence_threshold or add history")
     seed = int(cfg.tuning.seed)
     model = fit_position_model(tr.X, tr.y, params, seed, eval_set=(va.X, va.y), market_features=market_features)

@@ -54,7 +54,7 @@ from backtest.policy import (
 )
 from backtest.trees import CompiledTrees, compile_booster
 from core.config import Config, default_config
-from core.errors import UserError
+from core.errors import TooFewTrades
 from ml.models.position import SIGNAL_KEYS, lgb_params, require_models, train_booster
 
 WINDOW = 5
@@ -286,7 +286,7 @@ def train_risk(ds: Any, cfg: Config | None, models_dir: Path | str,
     t_bt = time.perf_counter() - t0
     n = rows.y.size
     if n < MIN_TRADES:
-        raise UserError(f"risk model: the labelling backtest over the training window made only {n} trades "
+        raise TooFewTrades(f"risk model: the labelling backtest over the training window made only {n} trades "
                         f"(need {MIN_TRADES}); lower trading.confidence_threshold or add history")
     cut = int(round(n * (1.0 - VAL_FRACTION)))
     tr, va = slice(0, cut), slice(cut, n)

@@ -58,7 +58,7 @@ from backtest.policy import (
 )
 from backtest.trees import CompiledTrees, compile_booster
 from core.config import Config, default_config
-from core.errors import UserError
+from core.errors import TooFewTrades
 from ml.models.position import (
     SIGNAL_KEYS,
     full_probabilities,
@@ -287,7 +287,7 @@ def fit_sltp_model(X: np.ndarray, sl: np.ndarray, tp: np.ndarray, feature_names:
     names = list(feature_names)
     X = np.asarray(X)
     if X.shape[0] < 50:
-        raise UserError(f"SL/TP model: only {X.shape[0]} labelled entries; lower trading.confidence_threshold or "
+        raise TooFewTrades(f"SL/TP model: only {X.shape[0]} labelled entries; lower trading.confidence_threshold or "
                         "add history")
     boosters = []
     infos = {}
@@ -351,7 +351,7 @@ def train_sltp(ds: Any, cfg: Config | None, models_dir: Path | str,
     va = sltp_rows(ds, pls, cfg, cal_pos, exit_model)
     t_rows = time.perf_counter() - t0 - t_sig
     if va.n < 10:
-        raise UserError(f"SL/TP model: only {va.n} validation entries on the calibration window; lower "
+        raise TooFewTrades(f"SL/TP model: only {va.n} validation entries on the calibration window; lower "
                         "trading.confidence_threshold or add history")
     model = fit_sltp_model(tr.X, tr.sl, tr.tp, ds.feature_names, params, int(cfg.tuning.seed),
                            eval_set=(va.X, va.sl, va.tp))
