@@ -334,3 +334,13 @@ def test_hub_push_refuses_a_folder_holding_the_key(root: Path, tmp_path: Path) -
     with pytest.raises(HubError, match="signing key"):
         reg.push(push, "leak", "run2")
     assert reg.tags() == ["run1"]
+
+
+def test_a_backup_copy_verifies_with_its_roots_key(root: Path) -> None:
+    """backups/<id>/ holds a config.json copy but never the key: the key is looked up above it (phase 1 loads the
+    deployed set from its backup)."""
+    backup = root / "backups" / "run1"
+    shutil.copytree(root / "models", backup / "models")
+    shutil.copy2(root / "config.json", backup / "config.json")
+    assert set(verify(backup / "models")) == set(FILES)
+    assert not (backup / KEY_FILE).exists()
