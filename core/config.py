@@ -432,7 +432,7 @@ def with_trading(cfg: Config, **changes: Any) -> Config:
 # --------------------------------------------------------------------------------------------------- secrets
 SECRET_NAMES = (
     "MT5_LOGIN", "MT5_PASSWORD", "MT5_SERVER", "MT5_PATH",
-    "HF_TOKEN", "TELEGRAM_TOKEN", "TELEGRAM_CHAT_ID",
+    "HF_TOKEN", "TELEGRAM_TOKEN", "TELEGRAM_CHAT_ID", "MODEL_SIGNING_KEY",
 )
 
 

@@ -235,7 +235,8 @@ def test_flipped_byte_is_exit_2_not_a_crash(root: Path) -> None:
     one_line_exit_2(run_cli(root), "signature does not match")
 
 
-def test_forged_manifest_is_refused(root: Path, tmp_path: Path) -> None:
+def test_forged_manifest_is_refused(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MODEL_SIGNING_KEY", raising=False)
     models = root / "models"
     man = json.loads((models / "manifest.json").read_text())
     man["models"]["sl_tp"]["feature_names"] = list(reversed(man["models"]["sl_tp"]["feature_names"]))
@@ -245,13 +246,19 @@ def test_forged_manifest_is_refused(root: Path, tmp_path: Path) -> None:
     forged = sign_manifest(man, b"k" * 40)  # signed, but with the attacker's key
     (models / "manifest.json").write_text(json.dumps(forged))
     one_line_exit_2(run_cli(root), "signed with another key")
+    # MODEL_SIGNING_KEY (the same key on every machine) wins over the key file; a short one is refused
+    monkeypatch.setenv("MODEL_SIGNING_KEY", "k" * 40)
+    assert set(verify(models)) == set(FILES)
+    monkeypatch.setenv("MODEL_SIGNING_KEY", "x" * 40)
+    with pytest.raises(ModelIntegrityError, match="signed with another key"):
+        verify(models)
+    monkeypatch.setenv("MODEL_SIGNING_KEY", "short")
+    with pytest.raises(ModelIntegrityError, match="too short"):
+        verify(models)
+    monkeypatch.delenv("MODEL_SIGNING_KEY")
     del man["signature"]
     (models / "manifest.json").write_text(json.dumps(man))
-    r = run_cli(root)
-    one_line_exit_2(r, "is not signed", "sign_models.py")
-    # the same key on another machine: MODEL_SIGNING_KEY wins over the key file, and a wrong one is refused
-    one_line_exit_2(run_cli(root, env={"MODEL_SIGNING_KEY": "x" * 40}), "is not signed")
-    one_line_exit_2(run_cli(root, env={"MODEL_SIGNING_KEY": "short"}), "too short")
+    one_line_exit_2(run_cli(root), "is not signed", "sign_models.py")
 
 
 def test_type_outside_the_trusted_list_is_refused(root: Path, trained: dict) -> None:
@@ -327,3 +334,13 @@ def test_hub_push_refuses_a_folder_holding_the_key(root: Path, tmp_path: Path) -
     with pytest.raises(HubError, match="signing key"):
         reg.push(push, "leak", "run2")
     assert reg.tags() == ["run1"]
+
+
+def test_a_backup_copy_verifies_with_its_roots_key(root: Path) -> None:
+    """backups/<id>/ holds a config.json copy but never the key: the key is looked up above it (phase 1 loads the
+    deployed set from its backup)."""
+    backup = root / "backups" / "run1"
+    shutil.copytree(root / "models", backup / "models")
+    shutil.copy2(root / "config.json", backup / "config.json")
+    assert set(verify(backup / "models")) == set(FILES)
+    assert not (backup / KEY_FILE).exists()

@@ -162,13 +162,18 @@ def _jsonable(obj: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------------ signing key
 def key_root(folder: str | os.PathLike[str]) -> Path:
-    """The run root whose key file signs ``folder``: the nearest ancestor *above* it holding a key file or a
-    ``config.json`` (``models/``, ``staging/<id>/models``, ``backups/<id>/models`` all lie under their root), else
-    the folder's parent. Never the folder itself: whoever can write a model folder must not be able to plant a key.
+    """The run root whose key file signs ``folder``: the nearest ancestor *above* it holding a key file, else (no
+    key yet: the first save creates it there) the nearest holding a ``config.json``, else the folder's parent.
+    ``models/``, ``staging/<id>/models`` and ``backups/<id>/models`` all lie under their root (a backup folder holds
+    a ``config.json`` copy but never the key, hence the key is looked for first). Never the folder itself: whoever
+    can write a model folder must not be able to plant a key (and a key file of another user is refused).
     """
     folder = Path(folder).resolve()
     for anc in folder.parents:
-        if (anc / KEY_FILE).exists() or (anc / "config.json").is_file():
+        if (anc / KEY_FILE).exists() or (anc / KEY_FILE).is_symlink():
+            return anc
+    for anc in folder.parents:
+        if (anc / "config.json").is_file():
             return anc
     return folder.parent
 
