@@ -169,8 +169,8 @@ def test_weekly_swap_keeps_the_open_position_and_refuses_a_tampered_set(tmp_path
     stop, target, entry_bar = held.stop, held.target, held.entry_bar
 
     staged = deploy.stage_dir(paths, "week2")
-    shutil.copytree(tmp_path / "setB", staged)
-    deploy.commit(paths, "week2", staged, None)
+    shutil.copytree(tmp_path / "setB", staged, dirs_exist_ok=True)
+    deploy.commit(paths, "week2", staged, paths.config.read_text())
     bot.opts.max_bars = bot.processed + 1
     bot.run()
     day = bot.last.time.strftime("%Y-%m-%d")
@@ -184,10 +184,15 @@ def test_weekly_swap_keeps_the_open_position_and_refuses_a_tampered_set(tmp_path
         closed = bot.journal.read(day)[-1]["closed"]
         assert (closed["stop"], closed["target"]) == (stop, target)
 
-    # a tampered set on disk (a model file changed after the manifest was written) is refused; the old keeps trading
+    # a new set whose model file no longer matches its manifest (tampered / corrupted on the way) is refused; the
+    # set in use keeps trading
     new_id = bot.deployed.id
-    f = paths.models / "signal_rf.joblib"
-    f.write_bytes(f.read_bytes()[:-1] + bytes([f.read_bytes()[-1] ^ 1]))
+    staged = deploy.stage_dir(paths, "week3")
+    shutil.copytree(tmp_path / "setA", staged, dirs_exist_ok=True)
+    f = staged / "signal_rf.joblib"
+    raw = f.read_bytes()
+    f.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+    deploy.commit(paths, "week3", staged, paths.config.read_text())
     bot.opts.max_bars = bot.processed + 3
     bot.run()
     lines = bot.journal.read(bot.last.time.strftime("%Y-%m-%d"))
