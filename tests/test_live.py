@@ -200,3 +200,20 @@ def test_weekly_swap_keeps_the_open_position_and_refuses_a_tampered_set(tmp_path
     assert len(refused) == 1 and "signal_rf" in refused[0]["reason"] and refused[0]["kept"] == new_id
     assert [x["set"] for x in lines if x.get("type") == "bar"][-3:] == [new_id] * 3
     assert "refused" in (bot.dir / "notifications.md").read_text()
+
+
+def test_weekly_report_shows_what_the_deployed_set_did_since_its_deploy(tmp_path: Path) -> None:
+    from ops.bot.runner import ParityResult, since_last_deploy
+    from ops.report import render_markdown
+
+    root = _root(tmp_path)
+    bot = _bot(root, root / "live" / "shadow", "2024-05-01", "2024-05-03")
+    bot.run()
+    bot.report_parity(ParityResult("2024-05-02", 96, 3, 1, ["bar 1: order 1/0.1 != 1/0.2"]))
+    live = since_last_deploy(Paths.of(root))
+    closed = [x["closed"] for x in bar_lines(bot.journal) if x["closed"]]
+    assert live is not None and live["bots"][0]["bars"] == 192 and live["bots"][0]["trades"] == len(closed) > 0
+    assert live["bots"][0]["net_profit"] == pytest.approx(sum(c["pnl"] for c in closed))
+    text = render_markdown({"run_id": "r", "live": live})
+    assert "## Since the last deploy" in text and "| shadow |" in text
+    assert "parity mismatch (shadow) 2024-05-02: 1 mismatches" in text

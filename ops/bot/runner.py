@@ -705,3 +705,45 @@ def parity_backtest(folder: Path, candles: pd.DataFrame, start: int, end: int, d
             mism += int(off.size)
             details.append(f"equity differs on {off.size} bars, first at bar {lines[int(off[0])]['bar']}")
     return ParityResult("backtest/run.py window", len(lines), len(ref), mism, details)
+
+
+# ------------------------------------------------------------------------------------------- weekly report
+def since_last_deploy(paths: Paths) -> dict[str, Any] | None:
+    """What the deployed set did live (every bot folder under ``<root>/live`` except recorded runs) since it was
+    deployed, next to what its backtest promised (the OOS evaluation of the run that committed it): the weekly
+    report's "since the last deploy" section. None when no bot has journaled anything for this set."""
+    manifest, config = fingerprint(paths)
+    set_id = f"{manifest[:12]}/{config[:12]}"
+    bots: list[dict[str, Any]] = []
+    for folder in sorted((paths.root / "live").glob("*")):
+        if not (folder / "journal").is_dir() or folder.name.startswith("data-"):
+            continue
+        lines = [x for x in bar_lines(Journal(folder, fsync=False)) if x.get("set") == set_id]
+        if not lines:
+            continue
+        pnl = [x["closed"]["pnl"] for x in lines if x["closed"]]
+        checks = []
+        if (folder / "parity.jsonl").exists():
+            days = {x["time"][:10] for x in lines}
+            checks = [json.loads(x) for x in (folder / "parity.jsonl").read_text().splitlines() if x.strip()]
+            checks = [c for c in checks if c.get("what") in days]
+        eq0 = lines[0]["equity"]
+        bots.append({
+            "bot": folder.name, "from": lines[0]["time"], "to": lines[-1]["time"], "bars": len(lines),
+            "trades": len(pnl), "net_profit": float(sum(pnl)), "win_rate": (sum(p > 0 for p in pnl) / len(pnl))
+            if pnl else None, "return_pct": (lines[-1]["equity"] / eq0 - 1.0) * 100.0 if eq0 else None,
+            "parity_checks": len(checks), "parity_mismatches": int(sum(c.get("mismatches", 0) for c in checks)),
+            "mismatch_lines": [f"{c['what']}: {c['mismatches']} mismatches" for c in checks if c.get("mismatches")],
+        })
+    if not bots:
+        return None
+    promised = None
+    for rep in sorted(paths.results.glob("*/report.json"), reverse=True):
+        try:
+            doc = json.loads(rep.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if doc.get("model_hash") == manifest and (doc.get("decision") or {}).get("action") == "commit":
+            promised = {"run_id": doc.get("run_id"), "metrics": (doc.get("evaluation") or {}).get("new_full")}
+            break
+    return {"set": set_id, "bots": bots, "promised": promised}
