@@ -59,7 +59,7 @@ def test_shadow_run_equals_backtest_run_trade_for_trade(tmp_path: Path) -> None:
     assert res.line() == f"parity: 0 mismatches over 5184 bars, {res.trades} trades" and res.trades >= 100
 
     # the same window through backtest/run.py itself (its trade CSV), trade for trade
-    from backtest.run import main as backtest_main
+    from cli.backtest import main as backtest_main
 
     csv = tmp_path / "trades.csv"
     assert backtest_main(["--root", str(root), "--data", str(DATA), "--from", start, "--to", end, "--rule-signal",

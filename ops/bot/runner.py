@@ -171,7 +171,7 @@ class Journal:
         return sorted(p.stem for p in self.dir.glob("*.jsonl"))
 
     def append(self, day: str, lines: list[dict[str, Any]], bar: int = -1) -> None:
-        data = "".join(json.dumps(x, sort_keys=True, allow_nan=True) + "\n" for x in lines).encode()
+        data = "".join(json.dumps(x, sort_keys=True) + "\n" for x in lines).encode()
         with open(self.path(day), "ab") as fh:
             if os.environ.get(CRASH_ENV) == f"torn_journal@{bar}":
                 fh.write(data[: len(data) // 2])
@@ -229,6 +229,12 @@ class Journal:
             self.path(d).unlink(missing_ok=True)
             (self.dir.parent / "days" / f"{d}.json").unlink(missing_ok=True)
         return gone
+
+
+def _num(x: Any) -> float | None:
+    """A float for the journal, None for NaN (the journal is strict JSON)."""
+    x = float(x)
+    return x if np.isfinite(x) else None
 
 
 def _trade_json(rec: Any) -> dict[str, Any]:
@@ -409,7 +415,8 @@ class Bot:
         line: dict[str, Any] = {
             "type": "bar", "bar": n, "time": bar.time.isoformat(), "bar_values": bar.to_json(),
             "inputs": hashlib.sha256(row.tobytes() + np.asarray(bar.values()).tobytes()).hexdigest()[:16],
-            "p_long": pred["p_long"], "p_short": pred["p_short"], "sl_atr": pred["sl_atr"], "tp_atr": pred["tp_atr"],
+            "p_long": _num(pred["p_long"]), "p_short": _num(pred["p_short"]), "sl_atr": _num(pred["sl_atr"]),
+            "tp_atr": _num(pred["tp_atr"]),
             "decision": ("long" if rep.order_side > 0 else "short" if rep.order_side < 0 else
                          "exit_" + ("model" if rep.pending_exit == 3 else "time") if rep.pending_exit else
                          "hold" if s.side else "none"),
