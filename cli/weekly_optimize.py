@@ -13,8 +13,9 @@ The 13 phases, in order (each a plain function in ``ops/pipeline.py``; outputs u
 12. clean backtest on the whole OOS window (incl. the 30% holdout), new vs deployed
 13. gate: commit (Hub push, atomic switch, success report) or rollback (restore backup, failure report)
 
-Exit codes: 0 finished (committed, rolled back or dry run), 2 bad input (config, data, models, services),
-3 another run holds the lock.
+Exit codes: 0 finished (committed, rolled back or dry run), 2 bad input before any phase ran (config, options, an
+unwritable root), 3 another run holds the lock, 4 a phase failed (failure report sent, deployed state verified
+unchanged), 5 a phase failed and the deployed state could not be verified (see README, Reliability).
 """
 
 from __future__ import annotations

@@ -35,8 +35,9 @@ checking every hash against the journal. Without a journal, leftovers of a switc
 are swept. Recovery is itself kill-safe: it only uses the same atomic steps, and the journal stays until the end.
 
 A reader (the live bot) can still observe the short window between the two renames of step 3 (``models/`` missing)
-or between steps 3 and 4 (new models, old config): it should load config + models together and retry once if the
-manifest does not match. The invariant above is about the persistent state.
+or between steps 3 and 4 (new models, old config): readers use :func:`ml.models.bundle.load_deployed`, which reads
+config + models together, accepts the pair only when no journal exists and neither changed during the read, and
+retries once. The invariant above is about the persistent state.
 
 Crash injection for tests: ``OPS_DEPLOY_CRASH_AT=<point>[#k]`` makes the process SIGKILL itself at that point (see
 :data:`CRASH_POINTS`). This is a test hook on a real process, not a mock; production never sets it.

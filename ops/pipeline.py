@@ -23,12 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from core.config import Config, config_to_json, load_config, parse_config, secrets
-from core.errors import UserError
+from core.config import Config, config_to_json, load_config, parse_config, redact_url, secrets
+from core.errors import TooFewTrades, UserError
 from core.io import atomic_write, atomic_write_json, atomic_write_text, copy_file_atomic, sha256_file
-from core.paths import Paths
+from core.paths import Paths, remove_stale_temp_files
 from market.dataset import Dataset, build_dataset, lookahead_self_check
 from ops import deploy
+from ops.failure import end_failed_run
 from ops.report import RunReport, telegram_text
 
 log = logging.getLogger("weekly")
@@ -60,7 +61,21 @@ class RunOptions:
     phases: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """What state.json and report.json keep: a storage URL's password is never written (see :func:`resumed`)."""
+        out = dict(self.__dict__)
+        if out.get("storage"):
+            out["storage"] = redact_url(out["storage"])
+        return out
+
+    def resumed(self, cli: RunOptions) -> RunOptions:
+        """These (stored) options for ``--resume``; the storage URL comes back from the resume's own ``--storage``
+        when the stored one lost its password to redaction."""
+        if self.storage and ":***@" in self.storage:
+            if not cli.storage or redact_url(cli.storage) != self.storage:
+                raise UserError(f"--resume: this run used --storage {self.storage}; its password is never stored: "
+                                "pass the same --storage URL again")
+            self.storage = cli.storage
+        return self
 
 
 @dataclass
@@ -186,6 +201,43 @@ def _save(folder: Path, key: str, obj: Any, ds: Dataset, *, feature_names: list[
                       metrics=metrics, kind=kind)
 
 
+def _staged_keys(ctx: RunContext) -> set[str]:
+    try:
+        return set(json.loads((ctx.staging / "manifest.json").read_text()).get("models", {}))
+    except (OSError, ValueError):
+        return set()
+
+
+_PhaseFn = Callable[[RunContext, dict[str, Any]], None]
+
+
+def _degradable(label: str, fallback: str, needs: tuple[str, ...] = ()) -> Callable[[_PhaseFn], _PhaseFn]:
+    """An optional model's phase: too few trades to train it (or a missing prerequisite model) is not a failed run.
+
+    The run goes on without that model, which the backtester, the sweep and the bot already handle (no exit model;
+    SL/TP from ``trading.fixed_sl_atr`` / ``fixed_tp_atr``; risk multiplier 1.0), and the report says so, the way a
+    skipped position study already degrades to default parameters. The gate still decides on the result."""
+
+    def wrap(fn: _PhaseFn) -> _PhaseFn:
+        def phase(ctx: RunContext, s: dict[str, Any]) -> None:
+            missing = [k for k in needs if k not in _staged_keys(ctx)]
+            try:
+                if missing:
+                    raise TooFewTrades(f"it needs the {', '.join(missing)} model(s), not trained in this run")
+                fn(ctx, s)
+            except TooFewTrades as exc:
+                note = f"{label} not trained ({exc}); {fallback}"
+                s["skipped"] = str(exc)
+                s["fallback"] = fallback
+                ctx.report.data.setdefault("notes", []).append(note)
+                log.warning("%s", note)
+
+        phase.__doc__, phase.__name__ = fn.__doc__, fn.__name__
+        return phase
+
+    return wrap
+
+
 # ------------------------------------------------------------------------------------------------ phases
 def phase_preflight(ctx: RunContext, s: dict[str, Any]) -> None:
     """Config and environment checks, free disk, backup of the deployed state, and the baseline score."""
@@ -214,13 +266,18 @@ def phase_preflight(ctx: RunContext, s: dict[str, Any]) -> None:
         s["baseline"] = None
         s["note"] = "no deployed models: first run, only the absolute floors apply"
         return
+    from ml.models.manifest import ModelIntegrityError, verify
+
     try:
         from market.data import load_candles
 
+        verify(paths.models)  # signature + hashes of the deployed set itself (errors name models/, not the backup)
         candles = load_candles(ctx.run_cfg, paths, ctx.options.data, ctx.options.demo)
         ds = build_dataset(candles, ctx.run_cfg)
         m, _ = _backtest(b.models_dir, cfg, ds, {"full": _oos_windows(ds)["full"]})
         s["baseline"] = m["full"]
+    except ModelIntegrityError:
+        raise  # unsigned, forged or modified: a security event, never "no baseline" (see ml.models.manifest)
     except UserError as exc:
         s["baseline"] = None
         s["note"] = f"the deployed models could not be evaluated ({exc}); only the floors apply"
@@ -290,12 +347,14 @@ def phase_shap(ctx: RunContext, s: dict[str, Any]) -> None:
     cfg = ctx.run_cfg
     models = None
     if _has_models(ctx.paths.models):
-        try:
-            from ml.models.manifest import load_model
+        from ml.models.manifest import ModelIntegrityError, load_model
 
+        try:
             models = {m: underlying(load_model(ctx.paths.models, f"signal_{m}", ds.feature_names))
                       for m in SIGNAL_MODELS}
             s["models"] = "deployed"
+        except ModelIntegrityError:
+            raise  # never degrade around a set that fails its integrity check
         except UserError as exc:
             log.warning("SHAP on fresh default models: deployed ones unusable (%s)", exc)
     if models is None:
@@ -404,6 +463,7 @@ def phase_signal_models(ctx: RunContext, s: dict[str, Any]) -> None:
     s["timings_s"] = out.get("timings_s")
 
 
+@_degradable("position model", "no exit model: positions close at SL, TP or trading.max_holding_bars")
 def phase_position_model(ctx: RunContext, s: dict[str, Any]) -> None:
     """Retrain the position (exit) model; needs the staged signal models."""
     from backtest.policy import POSITION_STATE_FEATURES
@@ -419,6 +479,7 @@ def phase_position_model(ctx: RunContext, s: dict[str, Any]) -> None:
     s["metrics"] = metrics.get("val")
 
 
+@_degradable("SL/TP model", "SL/TP from config trading.fixed_sl_atr / fixed_tp_atr", ("position",))
 def phase_sltp_models(ctx: RunContext, s: dict[str, Any]) -> None:
     """Retrain the LightGBM SL/TP regressors; need the staged signal and position models."""
     from ml.models.sltp import train_sltp
@@ -430,6 +491,7 @@ def phase_sltp_models(ctx: RunContext, s: dict[str, Any]) -> None:
     s["metrics"] = metrics
 
 
+@_degradable("risk model", "risk multiplier 1.0", ("position", "sl_tp"))
 def phase_risk_model(ctx: RunContext, s: dict[str, Any]) -> None:
     """Retrain the risk-multiplier model on account-state labels from a full backtest; needs SL/TP."""
     from backtest.policy import ACCOUNT_STATE_FEATURES
@@ -532,7 +594,9 @@ def _evidence(ctx: RunContext, ds: Dataset, ev: dict[str, Any], new_res: dict[st
                            {"new": ev.get("new_holdout"), "baseline": ev.get("baseline_holdout")},
                            (arrays.p_long[s0:e0], arrays.p_short[s0:e0], lab["label"].to_numpy(),
                             lab["valid"].to_numpy()),
-                           resamples=g.bootstrap_resamples, seed=g.bootstrap_seed, pbo_blocks=g.pbo_blocks)
+                           resamples=g.bootstrap_resamples, seed=g.bootstrap_seed, pbo_blocks=g.pbo_blocks,
+                           **({"no_baseline": f"the deployed set could not be evaluated: {ev['baseline_error']}"}
+                              if "baseline_error" in ev else {}))
     demo = " - DEMO DATA" if ds.is_demo else ""
     pb, pbo = out["paired_full"], out["pbo"]
     if pb.get("ok"):
@@ -690,7 +754,7 @@ def run_pipeline(paths: Paths, options: RunOptions, resume: bool = False) -> dic
             raise UserError(f"{paths.results}: no unfinished run to resume")
         run_id = pending[-1]
         state = load_state(paths, run_id)
-        options = RunOptions(**state["options"])
+        options = RunOptions(**state["options"]).resumed(options)
         log.info("resuming run %s after phase(s) %s", run_id, state["completed"])
     else:
         load_config(paths.config)  # an unreadable or invalid config.json stops here: no run folder, no phase
@@ -710,17 +774,33 @@ def run_pipeline(paths: Paths, options: RunOptions, resume: bool = False) -> dic
     cfg_path = paths.results / run_id / "config.old.json"
     cfg = load_config(cfg_path if cfg_path.exists() else paths.config)
     report = RunReport(paths.results / run_id, run_id, demo=options.demo)
+    if report.data.pop("failure", None) is not None:  # a resumed failed run: its notes keep the earlier failure
+        report.data["decision"] = None
     report.set("options", options.to_dict())
     ctx = RunContext(paths=paths, run_id=run_id, options=options, report=report, cfg=cfg)
     wanted = options.phases or [n for n, _ in PHASES]
-    for number, name in PHASES:
-        if number in state["completed"] or number not in wanted:
-            continue
-        with report.phase(number, name) as summary:
-            PHASE_FUNCS[number](ctx, summary)
-        state["completed"].append(number)
-        save_state(paths, run_id, state)
-        _crash_point(f"after_phase_{number}")
+    current = (0, "start")
+    try:
+        for name in remove_stale_temp_files(paths):
+            log.warning("removed %s (left by a killed write)", name)
+        for number, name in PHASES:
+            if number in state["completed"] or number not in wanted:
+                continue
+            current = (number, name)
+            with report.phase(number, name) as summary:
+                PHASE_FUNCS[number](ctx, summary)
+            state["completed"].append(number)
+            save_state(paths, run_id, state)
+            _crash_point(f"after_phase_{number}")
+    except (Exception, KeyboardInterrupt) as exc:
+        # Every failure ends like a rollback: state verified against the backup, failure report + notification,
+        # exit 4 (5 when the state cannot be verified). See ops/failure.py.
+        intent_file = ctx.run_dir / "deploy_intent.json"
+        try:
+            intent = json.loads(intent_file.read_text())["hashes"] if intent_file.exists() else None
+        except (OSError, ValueError, KeyError):
+            intent = None
+        raise end_failed_run(paths, run_id, cfg, report, current, exc, intent) from None
     state["finished"] = True
     save_state(paths, run_id, state)
     report.save()

@@ -73,9 +73,13 @@ def test_contradicting_file_is_refused_unless_replace(tmp_root: Path, tmp_path: 
     assert len(line.splitlines()) == 1 and line.startswith(f"error: {bad}: 2024-01-04 05:30 UTC: contradicts")
     assert "close=" in line and "--replace" in line and "1 of 100 overlapping bars differ" in line
     assert snapshot(tmp_root) == before
+    old_bytes = (tmp_root / "data" / "BTCUSD_M15.parquet").read_bytes()
     res = run_refresh(tmp_root, "--data", str(bad), "--replace")
     assert res.returncode == 0, res.stderr
     assert len(_store(tmp_root)) == 100
+    kept = list((tmp_root / "data" / "replaced").glob("BTCUSD_M15.*.parquet"))
+    assert len(kept) == 1 and kept[0].read_bytes() == old_bytes  # even a replace on purpose loses nothing
+    assert f"the previous store is kept as {kept[0]}" in res.stdout
 
 
 def test_parquet_row_count_is_checked_from_metadata(tmp_root: Path, tmp_path: Path) -> None:
