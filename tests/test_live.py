@@ -151,8 +151,11 @@ def _tiny_set(folder: Path, seed: int) -> None:
 
 
 @pytest.mark.slow
-def test_weekly_swap_keeps_the_open_position_and_refuses_a_tampered_set(tmp_path: Path) -> None:
+def test_weekly_swap_keeps_the_open_position_and_refuses_a_tampered_set(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from ml.models.manifest import FILES, KEY_ENV
     from ops import deploy
+
+    monkeypatch.setenv(KEY_ENV, "k" * 40)  # this machine's signing key (the sets are signed with it)
 
     root = _root(tmp_path, {"risk_profile": "aggressive", "trading": {"confidence_threshold": 0.35}})
     paths = Paths.of(root)
@@ -189,7 +192,7 @@ def test_weekly_swap_keeps_the_open_position_and_refuses_a_tampered_set(tmp_path
     new_id = bot.deployed.id
     staged = deploy.stage_dir(paths, "week3")
     shutil.copytree(tmp_path / "setA", staged, dirs_exist_ok=True)
-    f = staged / "signal_rf.joblib"
+    f = staged / FILES["signal_rf"]
     raw = f.read_bytes()
     f.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
     deploy.commit(paths, "week3", staged, paths.config.read_text())
@@ -197,7 +200,7 @@ def test_weekly_swap_keeps_the_open_position_and_refuses_a_tampered_set(tmp_path
     bot.run()
     lines = bot.journal.read(bot.last.time.strftime("%Y-%m-%d"))
     refused = [x for x in lines if x.get("event") == "set_refused"]
-    assert len(refused) == 1 and "signal_rf" in refused[0]["reason"] and refused[0]["kept"] == new_id
+    assert len(refused) == 1 and "signal_rf" in refused[0]["reason"] and refused[0]["kept"] == new_id, refused
     assert [x["set"] for x in lines if x.get("type") == "bar"][-3:] == [new_id] * 3
     assert "refused" in (bot.dir / "notifications.md").read_text()
 

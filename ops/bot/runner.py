@@ -84,42 +84,35 @@ def fingerprint(paths: Paths) -> tuple[str, str]:
     return (sha256_file(man) if man.exists() else "", sha256_file(paths.config) if paths.config.exists() else "")
 
 
-def load_deployed(paths: Paths, rule_signal: bool = False, attempts: int = 3, wait_s: float = 0.2) -> Deployed:
-    """Load ``models/`` + ``config.json`` as one unit (ops/deploy.py's note: read them together, retry when the
-    switch is half-way). Raises :class:`SetRefused` with the reason."""
-    last = "unknown"
-    for attempt in range(attempts):
-        if attempt:
-            time.sleep(wait_s)
+def load_deployed(paths: Paths, rule_signal: bool = False, wait_s: float = 1.0) -> Deployed:
+    """Load ``models/`` + ``config.json`` as one unit with :func:`ml.models.bundle.load_deployed` (signature and
+    every file's hash checked before anything is decoded; both read together, retried once when a switch is
+    half-way). ``rule_signal``: the config only, with the rule-based signal. Raises :class:`SetRefused`."""
+    if rule_signal:
+        from backtest.rules import RuleSignal
+
         if paths.journal.exists():
-            last = "a deploy is half-way (deploy journal present)"
-            continue
-        before = fingerprint(paths)
-        if not before[1]:
+            raise SetRefused("a model/config switch is in progress (deploy journal present)")
+        _, config_sha = fingerprint(paths)
+        if not config_sha:
             raise SetRefused(f"{paths.config}: missing")
         try:
             cfg = load_config(paths.config)
-            if rule_signal:
-                from backtest.rules import RuleSignal
-
-                predictor: Any = RuleSignal(feature_names(cfg))
-            else:
-                if not before[0]:
-                    raise SetRefused(f"{paths.models / 'manifest.json'}: missing (no deployed models)")
-                from ml.models.bundle import load_bundle
-
-                predictor = load_bundle(paths.models, feature_names(cfg))
-        except SetRefused:
-            raise
         except UserError as exc:
-            if fingerprint(paths) != before or paths.journal.exists():
-                last = f"the set changed while loading ({exc})"
-                continue
             raise SetRefused(str(exc)) from None
-        if fingerprint(paths) == before and not paths.journal.exists():
-            return Deployed(cfg, predictor, before[0], before[1])
-        last = "the set changed while loading"
-    raise SetRefused(f"deployed set not loaded after {attempts} attempts: {last}")
+        if fingerprint(paths)[1] != config_sha:
+            raise SetRefused("config.json changed while being read")
+        return Deployed(cfg, RuleSignal(feature_names(cfg)), fingerprint(paths)[0], config_sha)
+    from ml.models.bundle import load_deployed as load_pair
+
+    try:
+        d = load_pair(paths, retry_wait_s=wait_s)
+    except UserError as exc:
+        raise SetRefused(str(exc)) from None
+    return Deployed(d.config, d.bundle, d.manifest_sha256, d.config_sha256)
+
+
+_HALF_WAY = ("in progress", "changed while being read", "no consistent pair")
 
 
 # ------------------------------------------------------------------------------------------------------ window
@@ -371,9 +364,9 @@ class Bot:
         if fp == cur or fp == self._refused:
             return
         try:
-            new = load_deployed(self.paths, self.opts.rule_signal, attempts=1)
+            new = load_deployed(self.paths, self.opts.rule_signal, wait_s=0.2)
         except SetRefused as exc:
-            if self.paths.journal.exists() or "half-way" in str(exc) or "changed while" in str(exc):
+            if self.paths.journal.exists() or any(k in str(exc) for k in _HALF_WAY):
                 return  # the switch is in progress: look again at the next bar
             self._refused = fp
             self.alert("set_refused", f"new deployed set refused, the old one ({self.deployed.id}) keeps trading: "
@@ -399,8 +392,9 @@ class Bot:
         n = self._number(bar)
         day = bar.time.strftime("%Y-%m-%d")
         new_day = self.last is None or self.last.time.strftime("%Y-%m-%d") != day
-        if new_day:  # the day's start state and the bars before it: what --parity DAY replays from
-            self._write_json(self.dir / "days" / f"{day}.json",
+        snap = self.dir / "days" / f"{day}.json"
+        if new_day or not snap.exists():  # the day's start state (or, started mid-day, this bar's) and the bars
+            self._write_json(snap,  # before it: what --parity DAY replays from
                              {"bar": n, "state": self.trader.state.to_dict(), "window": self.window.to_json(),
                               "set": self.deployed.id})
         self.check_swap(n, day)
@@ -536,8 +530,13 @@ class Bot:
                 time.sleep(self.opts.poll_seconds)
 
     # ------------------------------------------------------------------------------------------------ parity
-    def daily_parity(self, day: str) -> ParityResult:
-        res = parity_day(self.dir, day, self.paths, self.deployed, self.opts.mode)
+    def daily_parity(self, day: str) -> ParityResult | None:
+        """The check after each UTC day; it never stops the bot (a failure is an alert)."""
+        try:
+            res = parity_day(self.dir, day, self.paths, self.deployed, self.opts.mode)
+        except Exception as exc:  # noqa: BLE001 - a check must not take the trading loop down
+            self.alert("parity_failed", f"parity check for {day} could not run: {type(exc).__name__}: {exc}")
+            return None
         self.report_parity(res)
         return res
 
