@@ -240,6 +240,9 @@ def phase_preflight(ctx: RunContext, s: dict[str, Any]) -> None:
     b = deploy.backup(paths, ctx.run_id)
     s["backup"] = {"path": str(b.path), "hashes": b.hashes}
     ctx.report.set("models_before", b.hashes)
+    from ops.bot.runner import since_last_deploy
+
+    ctx.report.set("live", since_last_deploy(paths))  # what the deployed set did in the bot since its deploy
     if not _has_models(paths.models):
         s["baseline"] = None
         s["note"] = "no deployed models: first run, only the absolute floors apply"
