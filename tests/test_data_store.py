@@ -18,8 +18,6 @@ from core.paths import Paths, remove_stale_temp_files
 from market.data import load_candles, refresh
 from market.data.store import read_store, store_path
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def _store(root: Path) -> pd.DataFrame:
     cfg = load_config(root / "config.json")
@@ -95,7 +93,7 @@ def test_parquet_row_count_is_checked_from_metadata(tmp_root: Path, tmp_path: Pa
 
 
 def test_refresh_takes_the_root_lock(tmp_root: Path, tmp_path: Path, snapshot) -> None:
-    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
+    code = ("import time\n"
             "from core.paths import Paths\nfrom ops.lock import run_lock\n"
             f"with run_lock(Paths.of({str(tmp_root)!r})):\n    print('locked', flush=True)\n    time.sleep(60)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
