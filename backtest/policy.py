@@ -98,9 +98,6 @@ TRIP_REASONS = {TRIP_DAILY_LOSS: "daily_loss", TRIP_LOSS_STREAK: "loss_streak", 
 # entry_gate() codes: why no entry was taken at a decision (the live bot logs them)
 GATE_OK, GATE_NO_SIGNAL, GATE_HALTED, GATE_DAILY, GATE_COOLDOWN, GATE_SESSION, GATE_SPREAD, GATE_BAD_INPUT, \
     GATE_SIZE = 0, 1, 2, 3, 4, 5, 6, 7, 8
-GATE_REASONS = {GATE_OK: "ok", GATE_NO_SIGNAL: "no_signal", GATE_HALTED: "halted", GATE_DAILY: "daily_loss",
-                GATE_COOLDOWN: "cooldown", GATE_SESSION: "session", GATE_SPREAD: "spread",
-                GATE_BAD_INPUT: "bad_input", GATE_SIZE: "size_below_min"}
 
 POSITION_STATE_FEATURES = ["side", "age_bars", "unrealised_atr", "dist_sl_atr", "dist_tp_atr"]
 ACCOUNT_STATE_FEATURES = ["dd_from_peak_pct", "recent_win_rate", "losing_streak", "equity_slope", "vol_regime",

@@ -337,5 +337,3 @@ def copy_set(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[s
         (dst / MANIFEST).unlink(missing_ok=True)
     fsync_dir(dst)
     return copied
-
-
