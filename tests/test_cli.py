@@ -22,6 +22,10 @@ SPELLINGS = [
     ("scripts/weekly_optimize.py", "weekly-optimize"),
     ("scripts/refresh_data.py", "refresh-data"),
     ("scripts/sweep.py", "sweep"),
+    ("scripts/retrain_signal.py", "retrain-signal"),
+    ("scripts/retrain_position.py", "retrain-position"),
+    ("scripts/retrain_sltp.py", "retrain-sltp"),
+    ("scripts/retrain_risk.py", "retrain-risk"),
     ("backtest/run.py", "backtest"),
     ("ml/tune/hyperparams.py", "tune-signal"),
     ("ml/tune/position.py", "tune-position"),
@@ -80,17 +84,10 @@ def test_logging_redacts_secrets(monkeypatch: pytest.MonkeyPatch, capsys: pytest
     assert "posting with *** failed" in err and "SECRET" not in err
 
 
-def test_locked_root_exits_3_with_one_line(tmp_root: Path) -> None:
+def test_locked_root_exits_3_with_one_line(tmp_root: Path, lock_holder) -> None:
     """The one error wrapper: another run holding the lock -> exit 3 and one stderr line naming the holder."""
-    code = ("import time\nfrom core.paths import Paths\nfrom ops.lock import run_lock\n"
-            f"with run_lock(Paths.of({str(tmp_root)!r})):\n    print('locked', flush=True)\n    time.sleep(60)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        res = _run("scripts/refresh_data.py", "--root", str(tmp_root), "--demo")
-    finally:
-        holder.kill()
-        holder.wait()
+    holder = lock_holder(tmp_root)
+    res = _run("scripts/sweep.py", "--root", str(tmp_root), "--demo", "--apply")
     assert res.returncode == 3, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and str(holder.pid) in res.stderr
 
