@@ -25,10 +25,10 @@ from core.errors import UserError
 from core.paths import Paths
 from market.data import store
 from market.data.demo import demo_candles
-from market.data.sources import COLUMNS, read_file
+from market.data.sources import BAR, COLUMNS, read_file
 from market.data.validate import Gap, Report, trim_history, validate
 
-__all__ = ["COLUMNS", "Gap", "RefreshResult", "Report", "load_candles", "refresh", "resolve_source"]
+__all__ = ["COLUMNS", "Gap", "RefreshResult", "Report", "closed_by", "load_candles", "refresh", "resolve_source"]
 
 log = logging.getLogger("market.data")
 
@@ -64,20 +64,45 @@ def _config_file(cfg: Config, paths: Paths) -> Path:
     return p if p.is_absolute() else paths.root / p
 
 
-def _checked(frame: pd.DataFrame, cfg: Config, name: str) -> tuple[pd.DataFrame, Report]:
-    clean, report = validate(frame, cfg, name)
+def closed_by(frame: pd.DataFrame, cutoff: Any) -> pd.DataFrame:
+    """Only the bars whose *close* (open time + 15 min) is at or before ``cutoff`` (a UTC time; naive = UTC).
+
+    Why here, at the source: the walk-forward replay runs the weekly job "as of" a past Sunday. Every reader below
+    applies the cut to the raw frame before validation, trimming or anything else sees it, so no phase can read a
+    bar that had not closed at that time (a bar opening at 02:00 is still forming at 02:00 and is cut too)."""
+    if cutoff is None:
+        return frame
+    ts = pd.Timestamp(cutoff)
+    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+    keep = frame.index + BAR <= ts
+    if keep.all():
+        return frame
+    out = frame.loc[keep]
+    out.attrs = dict(frame.attrs)
+    out.attrs["cutoff"] = str(ts)
+    if not len(out):
+        raise UserError(f"{frame.attrs.get('source', 'candles')}: no bar closed at or before the cutoff {ts}")
+    return out
+
+
+def _checked(frame: pd.DataFrame, cfg: Config, name: str, cutoff: Any = None) -> tuple[pd.DataFrame, Report]:
+    clean, report = validate(closed_by(frame, cutoff), cfg, name)
     return trim_history(clean, report, cfg)
 
 
-def refresh(cfg: Config, paths: Paths, data_path: str | Path | None = None, demo: bool = False) -> RefreshResult:
+def refresh(cfg: Config, paths: Paths, data_path: str | Path | None = None, demo: bool = False,
+            cutoff: Any = None) -> RefreshResult:
     """Read the source, validate, keep ``history_days``, then write the store atomically (only if all passed).
+
+    ``cutoff``: a source that ends there (:func:`closed_by`): only bars closed at or before it are read, validated
+    and stored (the walk-forward replay's "as of Sunday S").
 
     ``data_path`` (a candle file) replaces the store's content; MT5 fetches from the last stored bar and merges;
     the demo goes to its own ``_DEMO`` store so it never overwrites real history.
     """
     kind = "file" if data_path is not None else "demo" if demo else resolve_source(cfg)
     if kind == "demo":
-        frame, report = _checked(demo_candles(cfg), cfg, "demo")
+        frame, report = _checked(demo_candles(cfg), cfg, "demo", cutoff)
         target = store.store_path(paths, cfg, demo=True)
         old = store.read_store(target) if target.exists() else None
         new_bars = len(frame) if old is None else int((~frame.index.isin(old.index)).sum())
@@ -87,7 +112,7 @@ def refresh(cfg: Config, paths: Paths, data_path: str | Path | None = None, demo
     target = store.store_path(paths, cfg)
     if kind == "file":
         path = Path(data_path) if data_path is not None else _config_file(cfg, paths)
-        frame, report = _checked(read_file(path, cfg), cfg, str(path))
+        frame, report = _checked(read_file(path, cfg), cfg, str(path), cutoff)
         old = store.read_store(target)
         new_bars = len(frame) if old is None else int((~frame.index.isin(old.index)).sum())
         store.write_store(target, frame, cfg.symbol)
@@ -104,7 +129,7 @@ def refresh(cfg: Config, paths: Paths, data_path: str | Path | None = None, demo
     since = old.index[-1] if old is not None and len(old) else None
     fetched = mt5.fetch(cfg, since=since)
     merged = store.merge(old, fetched.frame)
-    frame, report = _checked(merged, cfg, fetched.frame.attrs["source"])
+    frame, report = _checked(merged, cfg, fetched.frame.attrs["source"], cutoff)
     new_bars = len(fetched.frame) if old is None else int((~fetched.frame.index.isin(old.index)).sum())
     warnings = report.warnings + fetched.warnings
     if new_bars or old is None or len(frame) != len(old):
@@ -114,19 +139,21 @@ def refresh(cfg: Config, paths: Paths, data_path: str | Path | None = None, demo
     )
 
 
-def load_candles(cfg: Config, paths: Paths, data_path: str | Path | None = None, demo: bool = False) -> pd.DataFrame:
+def load_candles(cfg: Config, paths: Paths, data_path: str | Path | None = None, demo: bool = False,
+                 cutoff: Any = None) -> pd.DataFrame:
     """The validated standard frame (most recent ``history_days``): ``data_path`` or the demo when given (nothing is
-    written), else the store, refreshed from the configured source first when there is no store yet."""
+    written), else the store, refreshed from the configured source first when there is no store yet. ``cutoff``:
+    only bars closed at or before it (:func:`closed_by`)."""
     if data_path is not None:
         path = Path(data_path)
-        return _checked(read_file(path, cfg), cfg, str(path))[0]
+        return _checked(read_file(path, cfg), cfg, str(path), cutoff)[0]
     if demo:
-        return _checked(demo_candles(cfg), cfg, "demo")[0]
+        return _checked(demo_candles(cfg), cfg, "demo", cutoff)[0]
     kind = resolve_source(cfg)
     real = store.store_path(paths, cfg)
     use_real = kind != "demo" or (cfg.data.source == "auto" and real.exists())
     target = real if use_real else store.store_path(paths, cfg, demo=True)
     stored = store.read_store(target)
     if stored is None:
-        return refresh(cfg, paths, demo=not use_real).frame
-    return _checked(stored, cfg, str(target))[0]
+        return refresh(cfg, paths, demo=not use_real, cutoff=cutoff).frame
+    return _checked(stored, cfg, str(target), cutoff)[0]
