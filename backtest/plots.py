@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.io import atomic_write
+
 
 def _drawdown_pct(equity: pd.Series) -> pd.Series:
     peak = equity.cummax()
@@ -40,10 +42,7 @@ def plot_equity(path: str | Path, equity: pd.Series, *, baseline: pd.Series | No
         ax1.grid(alpha=0.3)
         ax2.grid(alpha=0.3)
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.png")
-        fig.savefig(tmp, dpi=100)
-        tmp.replace(path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
     finally:
         plt.close(fig)
     return path

@@ -31,6 +31,7 @@ import pandas as pd
 from backtest.engine import MarketArrays, run_arrays
 from backtest.policy import make_params, replace_params
 from core.config import Config
+from core.io import atomic_write
 
 PARALLEL_MIN_BAR_RUNS = 50_000_000  # grid points x bars above which the sweep fans out to worker processes
 SWEPT = ("confidence_threshold", "risk_percent", "sl_multiplier", "tp_multiplier", "sessions")
@@ -121,7 +122,7 @@ def save_sweep(result: SweepResult, out_dir: Path) -> dict[str, Path]:
     """Write the full table (CSV) and a heatmap (best score per confidence threshold x SL multiplier)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv = out_dir / "sweep.csv"
-    result.table.to_csv(csv, index=False, float_format="%.6g")
+    atomic_write(csv, lambda tmp: result.table.to_csv(tmp, index=False, float_format="%.6g"))
     png = out_dir / "sweep_heatmap.png"
     import matplotlib
 
@@ -145,7 +146,7 @@ def save_sweep(result: SweepResult, out_dir: Path) -> dict[str, Path]:
                 ax.text(j, i, f"{vals[i, j]:.2f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, label="score")
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
     return {"csv": csv, "png": png}
 

@@ -31,7 +31,14 @@ NonNegFloat = Annotated[float, Field(ge=0)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Every section: unknown keys refused, no coercion, finite numbers only.
+
+    Why strict: ``"risk_percent": "1.0"`` or ``"oos_weeks": true`` read as 1.0 / 1 is a silent change of meaning
+    (a set scored on a one-week window was committed that way), and ``Infinity`` runs all 13 phases before it
+    breaks the backtest. A number must be written as a JSON number; an int field does not take ``1.0`` or ``true``.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class Bounds(_Strict):
@@ -132,6 +139,9 @@ class DataCfg(_Strict):
     demo_bars: Annotated[int, Field(ge=1000)] = 105_120
     mt5_host: str = "127.0.0.1"
     mt5_port: Annotated[int, Field(ge=1, le=65535)] = 18812
+    # A Parquet candle file (or the store) with more rows than this is refused from its metadata, before reading:
+    # a few MB of Parquet can expand to tens of millions of rows and GBs of memory. 5M M15 bars = 140 years.
+    max_rows: Annotated[int, Field(ge=1000)] = 5_000_000
 
 
 class LabelsCfg(_Strict):
@@ -289,7 +299,36 @@ def _describe(err: dict[str, Any]) -> str:
         return f"value {err.get('input')!r} not allowed: expected {ctx.get('expected', '?')}"
     if typ == "value_error":
         return str(ctx.get("error", err.get("msg", "")))
+    if typ in {"int_type", "float_type", "bool_type", "string_type", "list_type", "dict_type", "model_type"}:
+        want = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+                "string_type": "a string", "list_type": "a list", "dict_type": "an object",
+                "model_type": "an object"}[typ]
+        return f"expected {want}, got {_json_kind(err.get('input'))} {_show(err.get('input'))} (no conversion is done)"
+    if typ == "finite_number":
+        return f"value {err.get('input')!r} is not a finite number (NaN and Infinity are refused)"
     return f"{err.get('msg', typ)} (got {err.get('input')!r})"
+
+
+def _show(v: Any) -> str:
+    """A value as it is written in the JSON file (``true``, ``"1.0"``), for the error line."""
+    try:
+        return json.dumps(v)
+    except (TypeError, ValueError):
+        return repr(v)
+
+
+def _json_kind(v: Any) -> str:
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, int):
+        return "an integer"
+    if isinstance(v, float):
+        return "a number"
+    if v is None:
+        return "null"
+    return "a list" if isinstance(v, list) else "an object" if isinstance(v, dict) else type(v).__name__
 
 
 def parse_config(raw: dict[str, Any], source: str = "config.json") -> Config:
@@ -305,15 +344,56 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> Config:
         raise UserError(f"{where}{msg}{more}") from None
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Load and validate config.json. A missing file, bad JSON or schema violation raises :class:`UserError`."""
+class _JsonRefused(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: a key given twice is refused (``json`` would silently keep the last one)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            others = ", ".join(list(out)[:4])
+            raise _JsonRefused(f"key '{k}' is given twice in the same object (beside {others})")
+        out[k] = v
+    return out
+
+
+def read_json_strict(path: str | os.PathLike[str], what: str = "config file") -> Any:
+    """Parse a JSON file strictly: readable UTF-8 text, no duplicate keys, no NaN/Infinity.
+
+    Every failure (missing, a folder, unreadable, binary garbage, invalid JSON) is one :class:`UserError` line
+    naming the file, so the scripts exit 2 before doing anything."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"{p}: config file not found")
+        raise UserError(f"{p}: {what} not found")
+    if p.is_dir():
+        raise UserError(f"{p}: is a folder, expected a JSON {what}")
     try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
+        data = p.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{p}: cannot read the {what}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{p}: not a text file (byte {exc.start} is not UTF-8): expected JSON") from None
+    if "\x00" in text:
+        raise UserError(f"{p}: not a text file (contains NUL bytes): expected JSON")
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except _JsonRefused as exc:
+        raise UserError(f"{p}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{p}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise UserError(f"{p}: invalid JSON: nested too deeply") from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Load and validate config.json. A missing, unreadable or non-JSON file or a schema violation raises
+    :class:`UserError` (one line naming the file and the key)."""
+    p = Path(path)
+    raw = read_json_strict(p)
     if not isinstance(raw, dict):
         raise UserError(f"{p}: top level must be a JSON object")
     return parse_config(raw, str(p))

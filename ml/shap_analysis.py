@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.io import atomic_write, atomic_write_text
 from ml.models.signal import SIGNAL_MODELS, underlying
 
 REPORT_JSON = "shap_report.json"
@@ -94,7 +95,7 @@ def _plot(table: pd.DataFrame, model_names: Sequence[str], path: Path, leak: set
     ax.set_title(f"Signal models: SHAP importance, top {len(top)}")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -209,7 +210,7 @@ def shap_report(models: Mapping[str, Any], X: np.ndarray, feature_names: Sequenc
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = table.sort_values("rank").reset_index(drop=True)
-    table.to_csv(out / REPORT_CSV, index=False, float_format="%.6g")
+    atomic_write(out / REPORT_CSV, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
     t_plot = time.perf_counter()
     _plot(table, order, out / REPORT_PNG, {r["feature"] for r in leak_rows})
     seconds["plot"] = round(time.perf_counter() - t_plot, 3)
@@ -232,8 +233,7 @@ def shap_report(models: Mapping[str, Any], X: np.ndarray, feature_names: Sequenc
         "seconds": seconds, "features": features,
         "files": {"csv": str(out / REPORT_CSV), "json": str(out / REPORT_JSON), "png": str(out / REPORT_PNG)},
     }
-    (out / REPORT_JSON).write_text(json.dumps(report, indent=2, allow_nan=False, default=_nan_none) + "\n",
-                                   encoding="utf-8")
+    atomic_write_text(out / REPORT_JSON, json.dumps(report, indent=2, allow_nan=False, default=_nan_none) + "\n")
     return report
 
 

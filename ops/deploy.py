@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
+from core.io import atomic_write_bytes, fsync_dir, fsync_tree, hash_dir, sha256_file, tmp_glob
 from core.paths import Paths
 
 log = logging.getLogger(__name__)
@@ -108,72 +109,12 @@ def _crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename/create/delete inside ``path`` durable (POSIX needs the directory itself fsynced)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    """fsync every file and directory below ``path`` (trainers write with plain ``open``; renaming a directory whose
-    file data is still only in the page cache would survive SIGKILL but not a power cut)."""
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            _fsync_file(Path(dirpath) / name)
-        _fsync_dir(Path(dirpath))
-
-
-def _write_atomic(path: Path, data: bytes, crash_label: str | None = None) -> None:
-    """Write ``path`` so that it is either absent/old or complete: temp file, fsync, ``os.replace``, fsync dir."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    if crash_label:
-        _crash_point(crash_label)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _hash_dir(directory: Path, prefix: str = MODELS_PREFIX) -> dict[str, str]:
-    """``{prefix + relative posix path: sha256}`` for every file below ``directory`` ({} if it does not exist)."""
-    if not directory.is_dir():
-        return {}
-    out: dict[str, str] = {}
-    for dirpath, dirs, files in os.walk(directory):
-        dirs.sort()
-        for name in sorted(files):
-            p = Path(dirpath) / name
-            out[prefix + p.relative_to(directory).as_posix()] = _sha256_file(p)
-    return dict(sorted(out.items()))
-
-
 def _models_part(hashes: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in hashes.items() if k.startswith(MODELS_PREFIX)}
 
 
 def _file_hash(path: Path) -> str | None:
-    return _sha256_file(path) if path.is_file() else None
+    return sha256_file(path) if path.is_file() else None
 
 
 def _check_run_id(run_id: str) -> None:
@@ -192,20 +133,15 @@ def _set_aside(paths: Paths, path: Path, tag: str) -> Path:
     """Move an unexpected directory out of the way without deleting it (nothing is ever silently lost)."""
     dest = paths.root / f"models.unknown.{tag}.{int(time.time() * 1000)}"
     os.rename(path, dest)
-    _fsync_dir(paths.root)
+    fsync_dir(paths.root)
     log.warning("moved unexpected %s aside to %s", path, dest)
     return dest
 
 
 # --------------------------------------------------------------------------------------------------- hashing
-def sha256_file(path: Path) -> str:
-    """sha256 of one file (public: the pipeline records the hashes a switch is expected to produce)."""
-    return _sha256_file(path)
-
-
 def hash_models_dir(directory: Path) -> dict[str, str]:
     """``models/<rel>`` -> sha256 for a staged or deployed models folder, keyed as in :func:`hash_state`."""
-    return _hash_dir(directory)
+    return hash_dir(directory, MODELS_PREFIX)
 
 
 def hash_state(paths: Paths) -> dict[str, str]:
@@ -213,9 +149,9 @@ def hash_state(paths: Paths) -> dict[str, str]:
 
     A missing models/ (first deploy) simply contributes no keys; a missing config.json no ``config.json`` key.
     """
-    out = _hash_dir(paths.models)
+    out = hash_dir(paths.models, MODELS_PREFIX)
     if paths.config.is_file():
-        out[CONFIG_KEY] = _sha256_file(paths.config)
+        out[CONFIG_KEY] = sha256_file(paths.config)
     return dict(sorted(out.items()))
 
 
@@ -246,9 +182,9 @@ class Backup:
 
     def intact(self) -> bool:
         """The backup's own files still hash to what was recorded when it was taken."""
-        got = _hash_dir(self.models_dir)
+        got = hash_dir(self.models_dir, MODELS_PREFIX)
         if self.config_file.is_file():
-            got[CONFIG_KEY] = _sha256_file(self.config_file)
+            got[CONFIG_KEY] = sha256_file(self.config_file)
         return dict(sorted(got.items())) == self.hashes and self.models_dir.is_dir() == self.has_models
 
 
@@ -312,9 +248,9 @@ def backup(paths: Paths, run_id: str) -> Backup:
         shutil.copytree(paths.models, tmp / "models", symlinks=False)
     if has_config:
         shutil.copy2(paths.config, tmp / CONFIG_KEY)
-    copied = _hash_dir(tmp / "models")
+    copied = hash_dir(tmp / "models", MODELS_PREFIX)
     if has_config:
-        copied[CONFIG_KEY] = _sha256_file(tmp / CONFIG_KEY)
+        copied[CONFIG_KEY] = sha256_file(tmp / CONFIG_KEY)
     copied = dict(sorted(copied.items()))
     if copied != before:
         _rmtree(tmp)
@@ -323,10 +259,10 @@ def backup(paths: Paths, run_id: str) -> Backup:
     meta = {"run_id": run_id, "created": created, "has_models": has_models, "has_config": has_config,
             "hashes": copied}
     (tmp / "hashes.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     _crash_point("backup_copied")
     os.rename(tmp, dest)
-    _fsync_dir(paths.backups)
+    fsync_dir(paths.backups)
     return Backup(run_id, dest, created, copied, has_models, has_config)
 
 
@@ -348,7 +284,7 @@ def prune_backups(paths: Paths, keep: int) -> list[str]:
     for b in backups[: max(0, len(backups) - keep)]:
         trash = paths.backups / f".trash-{b.run_id}-{os.getpid()}"
         os.rename(b.path, trash)
-        _fsync_dir(paths.backups)
+        fsync_dir(paths.backups)
         _rmtree(trash)
         removed.append(b.run_id)
     return removed
@@ -386,7 +322,8 @@ def _names(paths: Paths, j: dict[str, Any]) -> _Names:
 
 
 def _write_journal(paths: Paths, j: dict[str, Any]) -> None:
-    _write_atomic(paths.journal, (json.dumps(j, indent=2, sort_keys=True) + "\n").encode(), "journal_tmp_written")
+    atomic_write_bytes(paths.journal, (json.dumps(j, indent=2, sort_keys=True) + "\n").encode(),
+                       before_replace=lambda: _crash_point("journal_tmp_written"))
 
 
 def _read_journal(paths: Paths) -> dict[str, Any]:
@@ -400,7 +337,9 @@ def _read_journal(paths: Paths) -> dict[str, Any]:
     return j
 
 
-_LEFTOVER_GLOBS = ("models.old.*", "config.json.new.*", "config.json.old.*", ".config.json.*.tmp.*")
+# the switch's own files, and the temp files of atomic writes of config.json[.new/.old.<id>] (core.io.tmp_glob)
+_LEFTOVER_GLOBS = ("models.old.*", "config.json.new.*", "config.json.old.*", ".config.json.*.tmp.*",
+                   tmp_glob("config.json"))
 
 
 def _sweep_leftovers(paths: Paths) -> list[str]:
@@ -409,7 +348,7 @@ def _sweep_leftovers(paths: Paths) -> list[str]:
         return []
     removed = []
     seen: set[Path] = set()
-    for pattern in _LEFTOVER_GLOBS + (f".{paths.journal.name}.tmp.*",):
+    for pattern in _LEFTOVER_GLOBS + (tmp_glob(paths.journal.name),):
         for p in paths.root.glob(pattern):
             if p in seen:
                 continue
@@ -417,7 +356,7 @@ def _sweep_leftovers(paths: Paths) -> list[str]:
             _rmtree(p)
             removed.append(p.name)
     if removed:
-        _fsync_dir(paths.root)
+        fsync_dir(paths.root)
     return sorted(removed)
 
 
@@ -428,8 +367,8 @@ def _new_parts_present(paths: Paths, j: dict[str, Any]) -> bool:
     new = j["new"]
     new_models = _models_part(new["hashes"])
     if new["models"]:
-        in_place = paths.models.is_dir() and _hash_dir(paths.models) == new_models
-        staged = n.staged.is_dir() and _hash_dir(n.staged) == new_models
+        in_place = paths.models.is_dir() and hash_dir(paths.models, MODELS_PREFIX) == new_models
+        staged = n.staged.is_dir() and hash_dir(n.staged, MODELS_PREFIX) == new_models
         if not (in_place or staged):
             return False
     if new["config"]:
@@ -446,7 +385,8 @@ def _roll_forward(paths: Paths, j: dict[str, Any]) -> None:
     new = j["new"]
     new_models = _models_part(new["hashes"])
     models = paths.models
-    in_place = (models.is_dir() and _hash_dir(models) == new_models) if new["models"] else not models.exists()
+    in_place = ((models.is_dir() and hash_dir(models, MODELS_PREFIX) == new_models) if new["models"]
+                else not models.exists())
 
     # 3a. the current models/ (the old set) out of the way
     if not in_place and (models.exists() or models.is_symlink()):
@@ -454,22 +394,22 @@ def _roll_forward(paths: Paths, j: dict[str, Any]) -> None:
             _set_aside(paths, models, j["run_id"])  # neither old (already aside) nor new: keep it, but not here
         else:
             os.rename(models, n.old_dir)
-            _fsync_dir(root)
+            fsync_dir(root)
     _crash_point("after_old_moved")
     # 3b. the staged set in
     if new["models"] and not in_place:
         os.rename(n.staged, models)
-        _fsync_dir(root)
-        _fsync_dir(n.staged.parent)
+        fsync_dir(root)
+        fsync_dir(n.staged.parent)
     _crash_point("after_new_moved")
     # 4. the config
     if new["config"]:
         if _file_hash(paths.config) != new["hashes"][CONFIG_KEY]:
             os.replace(n.new_config, paths.config)
-            _fsync_dir(root)
+            fsync_dir(root)
     elif paths.config.exists():
         paths.config.unlink()
-        _fsync_dir(root)
+        fsync_dir(root)
     _crash_point("after_config")
     got = hash_state(paths)
     if got != new["hashes"]:
@@ -488,7 +428,7 @@ def _finish(paths: Paths, j: dict[str, Any]) -> None:
     """Steps 6-7: drop the journal, then the old copies (leftovers of a kill here are swept later)."""
     n = _names(paths, j)
     paths.journal.unlink(missing_ok=True)
-    _fsync_dir(paths.root)
+    fsync_dir(paths.root)
     _crash_point("after_journal_removed")
     _cleanup(paths, n)
     _crash_point("after_cleanup")
@@ -501,7 +441,7 @@ def _cleanup(paths: Paths, n: _Names) -> None:
     # the staged set was renamed into models/: drop its now empty run folder (a set moved back here is kept)
     if run_stage.parent == paths.staging and run_stage.is_dir() and not any(run_stage.iterdir()):
         run_stage.rmdir()
-    _fsync_dir(paths.root)
+    fsync_dir(paths.root)
 
 
 def _roll_back(paths: Paths, j: dict[str, Any]) -> None:
@@ -524,14 +464,14 @@ def _roll_back(paths: Paths, j: dict[str, Any]) -> None:
         else:
             n.staged.parent.mkdir(parents=True, exist_ok=True)
             os.rename(models, n.staged)
-            _fsync_dir(root)
-            _fsync_dir(n.staged.parent)
+            fsync_dir(root)
+            fsync_dir(n.staged.parent)
 
     if old["models"]:
         if n.old_dir.exists():
             _evict_models()
             os.rename(n.old_dir, models)
-            _fsync_dir(root)
+            fsync_dir(root)
         # else models/ was never moved aside: it still is the old set
     else:
         _evict_models()
@@ -540,10 +480,10 @@ def _roll_back(paths: Paths, j: dict[str, Any]) -> None:
             if not n.old_config.is_file():
                 raise DeployError(f"cannot roll back config.json: the copy {n.old_config} is missing")
             os.replace(n.old_config, paths.config)
-            _fsync_dir(root)
+            fsync_dir(root)
     elif paths.config.exists():
         paths.config.unlink()
-        _fsync_dir(root)
+        fsync_dir(root)
     got = hash_state(paths)
     if got != old["hashes"]:
         raise DeployError(
@@ -552,10 +492,10 @@ def _roll_back(paths: Paths, j: dict[str, Any]) -> None:
         )
     _crash_point("rollback_applied")
     paths.journal.unlink(missing_ok=True)
-    _fsync_dir(root)
+    fsync_dir(root)
     for p in (n.new_config, n.old_config):
         _rmtree(p)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def _diff(got: dict[str, str], want: dict[str, str]) -> str:
@@ -597,8 +537,8 @@ def _switch(paths: Paths, run_id: str, staged_models: Path | None, new_config: b
     staged = _prepare_staged(paths, run_id, staged_models) if staged_models is not None else None
     new_hashes: dict[str, str] = {}
     if staged is not None:
-        _fsync_tree(staged)
-        new_hashes.update(_hash_dir(staged))
+        fsync_tree(staged)
+        new_hashes.update(hash_dir(staged, MODELS_PREFIX))
     if new_config is not None:
         new_hashes[CONFIG_KEY] = hashlib.sha256(new_config).hexdigest()
     new_hashes = dict(sorted(new_hashes.items()))
@@ -620,9 +560,9 @@ def _switch(paths: Paths, run_id: str, staged_models: Path | None, new_config: b
     }
     n = _names(paths, j)
     if new_config is not None:
-        _write_atomic(n.new_config, new_config)
+        atomic_write_bytes(n.new_config, new_config)
     if old_has_config:
-        _write_atomic(n.old_config, paths.config.read_bytes())
+        atomic_write_bytes(n.old_config, paths.config.read_bytes())
     _crash_point("before_journal")
     _write_journal(paths, j)
     _crash_point("after_journal")

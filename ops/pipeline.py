@@ -25,6 +25,7 @@ import numpy as np
 
 from core.config import Config, config_to_json, load_config, parse_config, secrets
 from core.errors import UserError
+from core.io import atomic_write, atomic_write_json, atomic_write_text, copy_file_atomic, sha256_file
 from core.paths import Paths
 from market.dataset import Dataset, build_dataset, lookahead_self_check
 from ops import deploy
@@ -126,11 +127,8 @@ class RunContext:
         return self._cache["ds"]
 
     def write_json(self, name: str, obj: Any) -> Path:
-        p = self.run_dir / name
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-        os.replace(tmp, p)
-        return p
+        """Write a phase output durably (a kill or power cut leaves the old file or the new one)."""
+        return atomic_write_json(self.run_dir / name, obj, default=str)
 
     def read_json(self, name: str) -> Any:
         p = self.run_dir / name
@@ -205,7 +203,7 @@ def phase_preflight(ctx: RunContext, s: dict[str, Any]) -> None:
         "hub": "huggingface" if cfg.hub.repo_id and "HF_TOKEN" in present else "local registry",
         "telegram": "telegram" if {"TELEGRAM_TOKEN", "TELEGRAM_CHAT_ID"} <= set(present) else "file",
     }
-    (ctx.run_dir / "config.old.json").write_text(paths.config.read_text())
+    copy_file_atomic(paths.config, ctx.run_dir / "config.old.json")
     b = deploy.backup(paths, ctx.run_id)
     s["backup"] = {"path": str(b.path), "hashes": b.hashes}
     ctx.report.set("models_before", b.hashes)
@@ -244,7 +242,7 @@ def phase_data(ctx: RunContext, s: dict[str, Any]) -> None:
             and real_store.exists()):
         # No live source configured, but real history was imported (refresh_data.py --data FILE): use it rather
         # than the demo; there is nothing to refresh it from.
-        stored = closed_by(read_store(real_store), opts.cutoff)
+        stored = closed_by(read_store(real_store, cfg.data.max_rows), opts.cutoff)
         f, rep = trim_history(*validate(stored, cfg, str(real_store)), cfg)
         source, new_bars, is_demo = f"store {real_store.name} (no live source configured)", 0, False
     else:
@@ -259,7 +257,7 @@ def phase_data(ctx: RunContext, s: dict[str, Any]) -> None:
     s.update(info)
     ctx.report.set("data", info)
     ctx.report.data["demo"] = is_demo
-    f.to_parquet(ctx.run_dir / "candles.parquet")
+    atomic_write(ctx.run_dir / "candles.parquet", f.to_parquet)
 
 
 def phase_dataset(ctx: RunContext, s: dict[str, Any]) -> None:
@@ -460,7 +458,7 @@ def phase_sweep(ctx: RunContext, s: dict[str, Any]) -> None:
     raw = ctx.cfg.model_dump(mode="json")  # config.json as deployed; only the swept trading values change
     raw["trading"].update(chosen)
     candidate = parse_config(raw, "candidate config")
-    (ctx.run_dir / "config.candidate.json").write_text(config_to_json(candidate))
+    atomic_write_text(ctx.run_dir / "config.candidate.json", config_to_json(candidate))
     change = {k: (getattr(old, k) if k != "sessions" else list(old.sessions), chosen[k]) for k in chosen}
     info = {"fraction": cfg.splits.sweep_fraction, "n_combos": res.n_combos, "n_eligible": res.n_eligible,
             "min_trades": res.min_trades, "top": top_rows(res), "kept_current": res.best is None}
@@ -489,7 +487,7 @@ def phase_evaluate(ctx: RunContext, s: dict[str, Any]) -> None:
             curves["baseline"] = base_res["full"].equity
         except UserError as exc:
             ev["baseline_error"] = str(exc)
-    new_res["full"].trades.to_csv(ctx.run_dir / "trades_new.csv", index=False)
+    atomic_write(ctx.run_dir / "trades_new.csv", lambda tmp: new_res["full"].trades.to_csv(tmp, index=False))
     plot_equity(ctx.run_dir / "equity_baseline_vs_new.png", curves["new"], baseline=curves.get("baseline"),
                 title=f"OOS equity, new vs deployed ({ctx.run_id})" + (" - DEMO DATA" if ds.is_demo else ""))
     ctx.write_json("evaluation.json", ev)
@@ -567,7 +565,7 @@ def _already_deployed(ctx: RunContext) -> bool:
     intent = ctx.run_dir / "deploy_intent.json"
     if not intent.exists():
         expected = deploy.hash_models_dir(ctx.staging)
-        expected["config.json"] = deploy.sha256_file(ctx.run_dir / "config.candidate.json")
+        expected["config.json"] = sha256_file(ctx.run_dir / "config.candidate.json")
         ctx.write_json("deploy_intent.json", {"hashes": dict(sorted(expected.items()))})
         return False
     return deploy.verify(ctx.paths, json.loads(intent.read_text())["hashes"])
@@ -624,13 +622,7 @@ def load_state(paths: Paths, run_id: str) -> dict[str, Any]:
 
 
 def save_state(paths: Paths, run_id: str, state: dict[str, Any]) -> None:
-    p = _state_path(paths, run_id)
-    tmp = p.with_suffix(".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(state, indent=2))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, p)
+    atomic_write_json(_state_path(paths, run_id), state)
 
 
 def unfinished_runs(paths: Paths) -> list[str]:
@@ -659,6 +651,7 @@ def run_pipeline(paths: Paths, options: RunOptions, resume: bool = False, run_id
         options = RunOptions(**state["options"])
         log.info("resuming run %s after phase(s) %s", run_id, state["completed"])
     else:
+        load_config(paths.config)  # an unreadable or invalid config.json stops here: no run folder, no phase
         for rid in unfinished_runs(paths):
             log.warning("run %s did not finish; starting a new run (use --resume to continue it)", rid)
             st = load_state(paths, rid)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import redact
+from core.io import atomic_write_text
 
 log = logging.getLogger("weekly")
 
@@ -70,10 +70,8 @@ class RunReport:
     def save(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         text = json.dumps(_redacted(self.data), indent=2, default=str)  # string leaves only: JSON stays valid
-        tmp = self.run_dir / "report.json.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, self.run_dir / "report.json")
-        (self.run_dir / "report.md").write_text(redact(render_markdown(self.data)))
+        atomic_write_text(self.run_dir / "report.json", text)
+        atomic_write_text(self.run_dir / "report.md", redact(render_markdown(self.data)))
 
 
 def _redacted(obj: Any) -> Any:

@@ -24,14 +24,13 @@ import io
 import json
 import os
 import platform
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
+from core.io import atomic_write_bytes, copy_file_atomic, fsync_dir
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -133,45 +132,6 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder + fsync + rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the bot may run as another user
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _sha256_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
 # ------------------------------------------------------------------------------------------------ manifest
 def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """The parsed manifest of ``folder``; :class:`ModelError` when it is missing or unreadable."""
@@ -198,7 +158,7 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     manifest["format"] = FORMAT_VERSION
     manifest["updated_at"] = _utc_now()
     text = json.dumps(_jsonable(manifest), indent=2, sort_keys=False) + "\n"
-    _atomic_write_bytes(folder / MANIFEST, text.encode("utf-8"))
+    atomic_write_bytes(folder / MANIFEST, text.encode("utf-8"))
 
 
 def _utc_now() -> str:
@@ -221,7 +181,7 @@ def save_model(folder: str | os.PathLike[str], key: str, obj: Any, *, feature_na
     buf = io.BytesIO()
     joblib.dump(obj, buf)
     data = buf.getvalue()
-    _atomic_write_bytes(dest / fname, data)
+    atomic_write_bytes(dest / fname, data)
     entry = {
         "file": fname,
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -362,11 +322,7 @@ def copy_set(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[s
     for key, fname in FILES.items():
         target = dst / fname
         if key in table:
-            tmp = dst / f".{fname}.copy.tmp"
-            shutil.copyfile(src / fname, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
+            copy_file_atomic(src / fname, target)
             copied.append(key)
         else:
             target.unlink(missing_ok=True)
@@ -375,16 +331,10 @@ def copy_set(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[s
         manifest = read_manifest(src)
         manifest["models"] = kept
         text = json.dumps(manifest, indent=2) + "\n"
-        _atomic_write_bytes(dst / MANIFEST, text.encode("utf-8"))
+        atomic_write_bytes(dst / MANIFEST, text.encode("utf-8"))
     else:
         (dst / MANIFEST).unlink(missing_ok=True)
-    _fsync_dir(dst)
+    fsync_dir(dst)
     return copied
 
 
-def file_hashes(folder: str | os.PathLike[str]) -> dict[str, str]:
-    """sha256 of every model file present in ``folder`` as recorded in its manifest (for "what changed" lines)."""
-    folder = Path(folder)
-    if not (folder / MANIFEST).exists():
-        return {}
-    return {k: str(v.get("sha256", "")) for k, v in read_manifest(folder)["models"].items()}

@@ -49,6 +49,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from core.config import Config
 from core.errors import UserError
+from core.io import atomic_write, atomic_write_json
 
 if TYPE_CHECKING:
     from market.dataset import Dataset
@@ -297,16 +298,6 @@ def optimize(study: optuna.Study, objective: Callable[[optuna.Trial], float], ki
     return progress.durations
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def study_in_memory(study: optuna.Study) -> optuna.Study:
     """A copy of ``study`` in an :class:`~optuna.storages.InMemoryStorage`: picklable without the database."""
     mem = optuna.storages.InMemoryStorage()
@@ -342,7 +333,7 @@ def plot_history(study: optuna.Study, path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     if done or pruned:
         ax.legend(loc="lower right", fontsize=8)
-    _atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
 
 
 def storage_url(study: optuna.Study) -> str:
@@ -366,7 +357,7 @@ def save_results(study: optuna.Study, results_dir: Path, kind: str, extra: dict[
     files = {"study": results_dir / STUDY_FILES[kind], "best_params": results_dir / f"best_params_{kind}.json",
              "history": results_dir / f"optuna_history_{kind}.png"}
     mem = study_in_memory(study)
-    _atomic_write(files["study"], lambda p: joblib.dump(mem, p))
+    atomic_write(files["study"], lambda p: joblib.dump(mem, p))
     counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
     best = study.best_trial
     doc = {
@@ -382,7 +373,7 @@ def save_results(study: optuna.Study, results_dir: Path, kind: str, extra: dict[
         "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
         **(extra or {}),
     }
-    _atomic_write(files["best_params"], lambda p: p.write_text(json.dumps(doc, indent=2, default=str) + "\n"))
+    atomic_write_json(files["best_params"], doc, default=str)
     plot_history(study, files["history"], f"{kind} study {study.study_name}: best {best.value:.4f} (#{best.number})")
     return files
 
