@@ -505,7 +505,7 @@ class Replay:
         """The job for Sunday k in the replay root (finishing a run a kill interrupted); returns its report."""
         from ops import deploy
         from ops.lock import run_lock
-        from ops.pipeline import load_state, run_pipeline
+        from ops.pipeline import load_state, run_pipeline, save_state, unfinished_runs
 
         rid = run_id_of(self.sundays[k])
         state_file = self.paths.results / rid / "state.json"
@@ -519,6 +519,10 @@ class Replay:
                 run_pipeline(self.paths, self._run_options(self.sundays[k]), resume=True)
                 how = "resumed"
             elif built is not None and built["config_sha"] == self._config_sha():
+                for other in unfinished_runs(self.paths):  # what a new run would do first (run_pipeline)
+                    st = load_state(self.paths, other)
+                    st.update(finished=True, abandoned=True)
+                    save_state(self.paths, other, st)
                 self._import(built)
                 run_pipeline(self.paths, self._run_options(self.sundays[k]), resume=True)
                 how = "built ahead"

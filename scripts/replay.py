@@ -28,7 +28,7 @@ from ops.replay import Replay, ReplayOptions, default_replay_id, last_line  # no
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", help="the candle history to replay (MT5 export, CSV or Parquet)")
+    ap.add_argument("--data", help="the candle history to replay (MT5 export, CSV or Parquet; default: the store)")
     ap.add_argument("--demo", action="store_true", help="replay the seeded demo candles (labelled DEMO)")
     ap.add_argument("--start", help="first Sunday (a date; a weekday moves to the next Sunday), e.g. 2024-09-01")
     ap.add_argument("--weeks", type=int, default=8, help="number of Sundays (default 8)")
@@ -54,8 +54,16 @@ def main() -> int:
         raise UserError("--workers must be >= 1")
     if not args.resume and not args.start:
         raise UserError("--start is required (the first Sunday to replay)")
-    opts = ReplayOptions(start=args.start or "2000-01-02", weeks=args.weeks,
-                         data=str(Path(args.data).resolve()) if args.data else None, demo=args.demo,
+    data = str(Path(args.data).resolve()) if args.data else None
+    if data is None and not args.demo and not args.resume:
+        from core.config import load_config
+        from market.data.store import store_path
+
+        stored = store_path(paths, load_config(paths.config))
+        if not stored.is_file():
+            raise UserError(f"{stored}: no candle store to replay; give --data FILE or --demo")
+        data = str(stored)  # the imported / MT5 history (refresh_data.py), read as a file
+    opts = ReplayOptions(start=args.start or "2000-01-02", weeks=args.weeks, data=data, demo=args.demo,
                          quick=args.quick, n_trials=args.n_trials, horizon_weeks=args.horizon_weeks, gate=args.gate)
     if args.resume and not args.id and not args.start:
         raise UserError("--resume needs --id (or the same --start/--weeks/--data options as the replay)")
