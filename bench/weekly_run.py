@@ -39,10 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from core.config import config_to_json, load_config, parse_config
 
-from core.config import config_to_json, load_config, parse_config  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 REAL = REPO.parent / "shared" / "data" / "BTCUSDT_15m_2023_2024.csv"
 PAGE = os.sysconf("SC_PAGE_SIZE")

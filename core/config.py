@@ -194,8 +194,25 @@ class TelegramCfg(_Strict):
     timeout_s: PosFloat = 20.0
 
 
+class GateCfg(_Strict):
+    """The commit gate beyond the seed's 2 % rule and the profile's floors (``backtest.metrics.gate``).
+
+    ``mode = "seed"`` selects the seed's gate alone (for comparisons, e.g. the replay); ``"default"`` also requires
+    the evidence that knows how much the run searched (defaults and how they were chosen: README, "The gate")."""
+
+    mode: Literal["default", "seed"] = "default"
+    min_prob_better: Annotated[float, Field(ge=0, le=1)] = 0.90  # paired block bootstrap, full OOS window
+    min_dsr: Annotated[float, Field(ge=0, le=1)] = 0.50  # deflated Sharpe ratio of the new set on the OOS window
+    max_pbo: Annotated[float, Field(ge=0, le=1)] = 0.50  # probability of backtest overfitting of the sweep (CSCV)
+    holdout_not_worse: bool = True  # holdout score >= the deployed set's (>= 0 on a first run)
+    bootstrap_resamples: Annotated[int, Field(ge=1000, le=200_000)] = 5000
+    bootstrap_seed: int = 0
+    pbo_blocks: Annotated[int, Field(ge=4, le=20, multiple_of=2)] = 16
+
+
 class PipelineCfg(_Strict):
     gate_improvement: Annotated[float, Field(ge=0, le=1)] = 0.02
+    gate: GateCfg = Field(default_factory=GateCfg)
     keep_backups: Annotated[int, Field(ge=1, le=100)] = 5
     min_free_disk_mb: Annotated[int, Field(ge=0)] = 500
 

@@ -21,8 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,13 +32,25 @@ from typing import Any
 _CHUNK = 1 << 20
 
 
+_TMP_RE = re.compile(r"^\.(?P<target>.+)\.tmp\.(?P<pid>\d+)-[0-9a-f]{8}(?:\.[^.]*)?$")
+
+
 def tmp_glob(name: str) -> str:
     """Glob (relative to the target's folder) matching the temp files a killed writer of ``name`` left behind."""
     return f".{name}.tmp.*"
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp.{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+def tmp_path_for(path: str | os.PathLike[str], pid: int | None = None) -> Path:
+    """A fresh temp file name next to ``path`` for the writer ``pid`` (default: this process)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp.{os.getpid() if pid is None else pid}-{secrets.token_hex(4)}"
+                          f"{path.suffix}")
+
+
+def parse_tmp_name(name: str) -> tuple[str, int] | None:
+    """``(target name, writer pid)`` when ``name`` is a temp file of :func:`atomic_write`, else None."""
+    m = _TMP_RE.match(name)
+    return (m.group("target"), int(m.group("pid"))) if m else None
 
 
 def fsync_file(path: str | os.PathLike[str]) -> None:
@@ -69,18 +83,23 @@ def fsync_tree(path: str | os.PathLike[str]) -> None:
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any], *,
-                 before_replace: Callable[[], None] | None = None) -> Path:
+                 before_replace: Callable[[], None] | None = None, mode: int | None = None) -> Path:
     """Create ``path`` durably through ``write(tmp)``, a callable that writes the complete content to ``tmp``.
 
     For content produced by a library that writes to a path (Parquet, CSV, PNG, joblib). ``before_replace`` runs
     after the temp file is on disk and before the rename (the deploy kill tests place their crash points there).
-    On an exception the temp file is removed and ``path`` is unchanged.
+    File mode: ``mode`` when given, else the mode of the file being replaced (a rewrite never changes who may read
+    it), else the umask's default. On an exception the temp file is removed and ``path`` is unchanged.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
+    tmp = tmp_path_for(path)
     try:
         write(tmp)
+        if mode is None and path.exists():
+            mode = stat.S_IMODE(path.stat().st_mode)
+        if mode is not None:
+            os.chmod(tmp, mode)
         fsync_file(tmp)
         if before_replace is not None:
             before_replace()
@@ -93,14 +112,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any], *,
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *,
-                       before_replace: Callable[[], None] | None = None) -> Path:
+                       before_replace: Callable[[], None] | None = None, mode: int | None = None) -> Path:
     """Replace ``path`` with ``data``: afterwards it holds the old bytes or all of ``data``, whatever happens."""
 
     def write(tmp: Path) -> None:
         with open(tmp, "xb") as fh:
             fh.write(data)
 
-    return atomic_write(path, write, before_replace=before_replace)
+    return atomic_write(path, write, before_replace=before_replace, mode=mode)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:

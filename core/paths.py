@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from core.io import parse_tmp_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,25 +59,22 @@ class Paths:
         return self.root / ".deploy_journal.json"
 
 
-_PID_TMP = re.compile(r"^\..+\.(\d+)\.tmp$")  # .BTCUSD_M15.parquet.<pid>.tmp (market.data.store.write_store)
-_CONFIG_TMP = re.compile(r"^\.config\..+\.tmp$")  # .config.<random>.tmp (a config write in the root)
-
-
 def remove_stale_temp_files(paths: Paths) -> list[str]:
     """Delete temp files that a write killed mid-way left behind; the names removed (relative to the root).
 
-    Why at start-up: an atomic write is "temp file + rename"; a kill between the two leaves the temp file, which
-    nobody will ever rename. Call it only under the root's lock (:mod:`ops.lock`): then no writer of this root is
-    running. A store temp file whose writer pid is still alive is left alone all the same (a hand-run tool)."""
+    Why at start-up: an atomic write (:func:`core.io.atomic_write`) is "temp file + rename"; a kill between the two
+    leaves the temp file, which nobody will ever rename. Call it only under the root's lock (:mod:`ops.lock`): then
+    no writer of this root is running. A temp file whose writer pid is still alive is left alone all the same (a
+    hand-run tool). Looked at: ``data/`` (the store) and the root's ``config.json`` writes."""
     removed: list[str] = []
-    for folder, pattern in ((paths.data, _PID_TMP), (paths.root, _CONFIG_TMP)):
+    for folder, targets in ((paths.data, None), (paths.root, {"config.json"})):
         if not folder.is_dir():
             continue
         for f in sorted(folder.iterdir()):
-            m = pattern.match(f.name)
-            if not m or not f.is_file():
+            parsed = parse_tmp_name(f.name)
+            if parsed is None or not f.is_file() or (targets is not None and parsed[0] not in targets):
                 continue
-            if m.groups() and _alive(int(m.group(1))):
+            if _alive(parsed[1]):
                 continue
             with contextlib.suppress(OSError):
                 f.unlink()

@@ -241,3 +241,9 @@ def _nan_none(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     return str(obj)
+
+
+if __name__ == "__main__":  # the seed's spelling of the command (cli.shap; upward import listed in pyproject.toml)
+    from cli.shap import entry
+
+    entry()

@@ -144,9 +144,10 @@ def _metrics_of(result_metrics: dict[str, Any]) -> dict[str, Any]:
     return json_safe(result_metrics)
 
 
-def _backtest(models_dir: Path, cfg: Config, ds: Dataset, windows: dict[str, tuple[int, int]]
-              ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Fast backtests of the model set in ``models_dir`` with ``cfg``'s trading params on several windows."""
+def _backtest(models_dir: Path, cfg: Config, ds: Dataset, windows: dict[str, tuple[int, int]],
+              keep: dict[str, Any] | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Fast backtests of the model set in ``models_dir`` with ``cfg``'s trading params on several windows
+    (``keep`` receives the prepared arrays under ``"arrays"``: the signal probabilities for the direction check)."""
     from backtest.engine import prepare_arrays, run_arrays
     from backtest.policy import make_params
     from ml.models.bundle import load_bundle
@@ -154,6 +155,8 @@ def _backtest(models_dir: Path, cfg: Config, ds: Dataset, windows: dict[str, tup
     bundle = load_bundle(models_dir, ds.feature_names)
     arrays = prepare_arrays(ds.candles, ds.features, bundle, cfg)
     params = make_params(cfg)
+    if keep is not None:
+        keep["arrays"] = arrays
     out, results = {}, {}
     for name, (s, e) in windows.items():
         run = run_arrays(arrays, params, s, e)
@@ -475,7 +478,9 @@ def phase_evaluate(ctx: RunContext, s: dict[str, Any]) -> None:
     ds = ctx.dataset()
     w = {k: v for k, v in _oos_windows(ds).items() if k in ("full", "holdout")}
     cand = load_config(ctx.run_dir / "config.candidate.json")
-    new, new_res = _backtest(ctx.staging, cand, ds, w)
+    kept: dict[str, Any] = {}
+    new, new_res = _backtest(ctx.staging, cand, ds, w, keep=kept)
+    base_res: dict[str, Any] | None = None
     ev: dict[str, Any] = {"new_full": new["full"], "new_holdout": new["holdout"]}
     curves = {"new": new_res["full"].equity}
     backup_models = ctx.paths.backups / ctx.run_id / "models"
@@ -493,30 +498,69 @@ def phase_evaluate(ctx: RunContext, s: dict[str, Any]) -> None:
     ctx.write_json("evaluation.json", ev)
     s.update({k: {"score": v.get("score"), "trades": v.get("trades")} for k, v in ev.items() if isinstance(v, dict)})
     ctx.report.set("evaluation", ev)
+    evidence = _evidence(ctx, ds, ev, new_res, base_res, kept["arrays"], w["full"])
+    ctx.write_json("evidence.json", evidence)
+    s["evidence"] = {k: v.get("reason") or "ok" for k, v in evidence.items() if isinstance(v, dict) and "ok" in v}
+    ctx.report.set("evidence", evidence)
+
+
+def _evidence(ctx: RunContext, ds: Dataset, ev: dict[str, Any], new_res: dict[str, Any],
+              base_res: dict[str, Any] | None, arrays: Any, full: tuple[int, int]) -> dict[str, Any]:
+    """The gate's five pieces of evidence (``backtest.stats``) plus their two pictures.
+
+    1. paired block bootstrap of the daily-return difference new - deployed, on the full OOS window and on the
+       holdout alone; 2. deflated Sharpe ratio of the new set on the full OOS window, N = Optuna trials + sweep rows,
+       the variance of the sweep's Sharpe ratios; 3. PBO of the sweep (CSCV on its daily-return matrix); 4. the
+       holdout results of both; 5. the signal's directional skill on the OOS bars (labels there are never trained
+       on). Numbers that cannot be computed carry their reason; the gate treats them as failed conditions."""
+    from backtest import stats as st
+    from backtest.plots import plot_bootstrap, plot_cscv
+    from backtest.sweep import load_sweep_returns
+
+    g = ctx.cfg.pipeline.gate
+    t0 = time.perf_counter()
+
+    def daily(res: dict[str, Any]) -> dict[str, np.ndarray]:
+        return {k: st.result_daily_returns(r.equity, r.params.initial_equity) for k, r in res.items()}
+
+    rep = ctx.report.data
+    n_optuna = sum(int((rep.get(k) or {}).get("n_trials") or 0) for k in ("optuna_signal", "optuna_position"))
+    s0, e0 = full
+    lab = ds.labels.iloc[s0:e0]
+    out = st.gate_evidence(daily(new_res), daily(base_res) if base_res is not None else None,
+                           load_sweep_returns(ctx.run_dir), n_optuna,
+                           {"new": ev.get("new_holdout"), "baseline": ev.get("baseline_holdout")},
+                           (arrays.p_long[s0:e0], arrays.p_short[s0:e0], lab["label"].to_numpy(),
+                            lab["valid"].to_numpy()),
+                           resamples=g.bootstrap_resamples, seed=g.bootstrap_seed, pbo_blocks=g.pbo_blocks)
+    demo = " - DEMO DATA" if ds.is_demo else ""
+    pb, pbo = out["paired_full"], out["pbo"]
+    if pb.get("ok"):
+        plot_bootstrap(ctx.run_dir / "gate_bootstrap.png", pb["_means"], pb["observed_mean"], pb["prob_better"],
+                       title=f"New vs deployed, full OOS{demo}")
+    if pbo.get("ok"):
+        plot_cscv(ctx.run_dir / "gate_cscv.png", pbo["_rank_pairs"], pbo["_logits"], pbo["pbo"],
+                  title=f"Sweep overfitting (CSCV){demo}")
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return st.strip_private(out)
 
 
 def phase_commit(ctx: RunContext, s: dict[str, Any]) -> None:
     """Gate; then push to the Hub and switch atomically, or restore the backup. Always report."""
-    from backtest.metrics import Floors, gate
+    from backtest.metrics import Floors, GateRules, gate
     from ops.hub import HubError, make_registry
 
     cfg, paths = ctx.cfg, ctx.paths
     ev = ctx.read_json("evaluation.json")
+    evidence_file = ctx.run_dir / "evidence.json"
+    evidence = json.loads(evidence_file.read_text()) if evidence_file.exists() else None
     baseline = ev.get("baseline_full")
     new = ev["new_full"]
-    dec = gate(new, baseline, Floors.from_profile(cfg.profile), cfg.pipeline.gate_improvement)
+    dec = gate(new, baseline, Floors.from_profile(cfg.profile), rules=GateRules.from_config(cfg.pipeline),
+               evidence=evidence)
     b_score = None if baseline is None else baseline.get("score")
-    if b_score is None:
-        arith = f"first run: floors only (trades {new['trades']} >= {cfg.profile.min_trades}, max DD " \
-                f"{new['max_drawdown_pct']:.2f}% <= {cfg.profile.max_drawdown_pct}%)"
-    elif b_score > 0:
-        arith = f"new {new['score']:.4f} >= baseline {b_score:.4f} x {1 + cfg.pipeline.gate_improvement:.2f} " \
-                f"= {dec.threshold:.4f}" if dec.threshold is not None else dec.reason
-    else:
-        arith = f"new {new['score']:.4f} >= baseline {b_score:.4f} + {cfg.pipeline.gate_improvement} x " \
-                f"|{b_score:.4f}| = {dec.threshold:.4f}" if dec.threshold is not None else dec.reason
-    ctx.report.set("gate", {"passed": dec.passed, "reason": dec.reason, "threshold": dec.threshold,
-                            "arithmetic": arith})
+    arith = dec.arithmetic
+    ctx.report.set("gate", dec.to_dict())
     backup = deploy.load_backup(paths, ctx.run_id)
     action, reason = ("commit", dec.reason) if dec.passed else ("rollback", dec.reason)
     if ctx.options.dry_run:
@@ -589,7 +633,8 @@ def _notify(ctx: RunContext) -> None:
 
     ctx.report.save()
     notifier = make_notifier(ctx.cfg, ctx.paths, ctx.run_dir)
-    png = [p for p in (ctx.run_dir / "equity_baseline_vs_new.png",) if p.exists()]
+    png = [p for p in (ctx.run_dir / "equity_baseline_vs_new.png", ctx.run_dir / "gate_bootstrap.png",
+                       ctx.run_dir / "gate_cscv.png") if p.exists()]
     ok = notifier.send(telegram_text(ctx.report.data), png)
     if not ok:
         log.warning("notification failed (the report is in %s)", ctx.run_dir)

@@ -6,7 +6,6 @@ Module-specific fixtures belong in the test file that uses them.
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,9 +13,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
-
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def _shared(name: str) -> Path:

@@ -87,3 +87,19 @@ def test_hashes_match_hashlib_and_cover_subfolders(tmp_path: Path) -> None:
     assert list(got) == ["models/a.json", "models/c.json", "models/sub/b.bin"]
     assert got["models/c.json"] == got["models/a.json"] == hashlib.sha256(b"{}").hexdigest()
     assert hash_dir(tmp_path / "absent") == {}
+
+
+def test_a_rewrite_keeps_the_file_mode_and_temp_names_parse(tmp_path: Path) -> None:
+    p = tmp_path / "config.json"
+    p.write_text("{}")
+    p.chmod(0o600)
+    atomic_write_text(p, '{"a": 1}\n')
+    assert (p.stat().st_mode & 0o777) == 0o600  # a rewrite never widens who may read the file
+    atomic_write_text(tmp_path / "m.joblib", "x")
+    atomic_write_bytes(tmp_path / "n.joblib", b"x", mode=0o640)
+    assert ((tmp_path / "n.joblib").stat().st_mode & 0o777) == 0o640
+    from core.io import parse_tmp_name, tmp_path_for
+
+    assert parse_tmp_name(tmp_path_for(tmp_path / "BTCUSD_M15.parquet", 4321).name) == ("BTCUSD_M15.parquet", 4321)
+    assert parse_tmp_name(tmp_path_for(tmp_path / "config.json.new.run-1").name)[0] == "config.json.new.run-1"
+    assert parse_tmp_name("config.json") is None and parse_tmp_name(".config.json.tmp.12") is None

@@ -13,6 +13,7 @@ import pandas as pd
 from test_data_validate import good_frame, run_refresh, write_csv
 
 from core.config import config_to_json, default_config, load_config, parse_config
+from core.io import tmp_path_for
 from core.paths import Paths, remove_stale_temp_files
 from market.data import load_candles, refresh
 from market.data.store import read_store, store_path
@@ -113,11 +114,11 @@ def test_refresh_takes_the_root_lock(tmp_root: Path, tmp_path: Path, snapshot) -
 def test_temp_files_of_a_killed_write_are_removed_at_the_next_start(tmp_root: Path, tmp_path: Path) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
-    stale = tmp_root / "data" / f".BTCUSD_M15.parquet.{dead_pid}.tmp"
+    stale = tmp_path_for(tmp_root / "data" / "BTCUSD_M15.parquet", dead_pid)  # core.io's temp file naming
     stale.write_bytes(b"PAR1 half a file")
-    cfg_tmp = tmp_root / ".config.k2j3h4.tmp"
+    cfg_tmp = tmp_path_for(tmp_root / "config.json", dead_pid)
     cfg_tmp.write_text("{")
-    live = tmp_root / "data" / f".BTCUSD_M15.parquet.{os.getppid()}.tmp"  # a writer that is still alive
+    live = tmp_path_for(tmp_root / "data" / "BTCUSD_M15.parquet", os.getppid())  # a writer that is still alive
     live.write_bytes(b"in progress")
     res = run_refresh(tmp_root, "--data", str(write_csv(good_frame(), tmp_path / "a.csv")))
     assert res.returncode == 0, res.stderr

@@ -18,6 +18,7 @@ import pytest
 from backtest.policy import ACCOUNT_STATE_FEATURES, POSITION_STATE_FEATURES
 from backtest.predictor import Predictor
 from backtest.trees import predict_batch
+from core.io import parse_tmp_name
 from ml.models.bundle import load_bundle
 from ml.models.manifest import (
     FILES,
@@ -95,7 +96,7 @@ def test_save_writes_file_and_manifest_atomically(tmp_path: Path, signal_models:
     assert e["created_at"].endswith("+00:00") and e["metrics"]["val"]["f1_macro"] == 0.5
     assert len(e["code_version"]) == 40 or e["code_version"] == "unknown"
     assert stat.S_IMODE((folder / FILES["signal_rf"]).stat().st_mode) == 0o644
-    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # no temp files left behind
+    assert not [p for p in folder.iterdir() if parse_tmp_name(p.name)]  # no temp files left behind
     assert verify(folder, feature_names=NAMES).keys() == set(SIGNAL_KEYS)
     X, _ = _xy(50, 9)
     loaded = load_model(folder, "signal_xgb", NAMES)

@@ -43,6 +43,7 @@ def small_config(min_trades: int = 1, max_dd: float = 100.0) -> str:
         prof["min_trades"] = min_trades
         prof["max_drawdown_pct"] = max_dd
         prof["min_score"] = -1e9  # the tests exercise the machinery, not the demo's profitability
+    raw["pipeline"]["gate"]["mode"] = "seed"  # ... and the seed's gate: the evidence is computed and reported
     return config_to_json(parse_config(raw))
 
 
@@ -103,6 +104,12 @@ def test_first_run_commits_everything(committed_root: Path) -> None:
         assert (run_dir / f).exists(), f
     md = (run_dir / "report.md").read_text()
     assert "DEMO" in md and "COMMIT" in md and "first run" in md
+    # every run computes and shows the gate's evidence (a first run: no paired comparison, the reason says so)
+    ev = json.loads((run_dir / "evidence.json").read_text())
+    assert ev["paired_full"]["reason"].startswith("first run") and "dsr" in ev and "pbo" in ev
+    assert ev["holdout"]["new"] == rep["evaluation"]["new_holdout"] and "long_vs_short" in ev["direction"]
+    assert "## Why this decision" in md and "Gate mode **seed**" in md and rep["gate"]["mode"] == "seed"
+    assert (run_dir / "sweep_returns.npz").exists()
     assert (root / "results" / "optuna_study.pkl").exists()
 
 
@@ -117,12 +124,23 @@ def test_failed_gate_rolls_back_byte_identical(committed_root: Path, tmp_path: P
     assert "min_trades" in rep["decision"]["reason"]
     assert state(root) == before
     assert "baseline_full" in rep["evaluation"], "the deployed set is scored on the same window"
-    assert "ROLLBACK" in (root / "results" / rep["run_id"] / "notifications.md").read_text().upper()
+    note = (root / "results" / rep["run_id"] / "notifications.md").read_text()
+    assert "ROLLBACK" in note.upper()
+    # with a deployed set, all five pieces of evidence: paired bootstrap (full + holdout), DSR, PBO, holdout, AUC
+    ev = rep["evidence"]
+    assert ev["paired_full"]["resamples"] == 5000 and ev["paired_full"]["n_days"] >= 20, ev["paired_full"]
+    assert ev["paired_holdout"]["n_days"] < ev["paired_full"]["n_days"]
+    assert ev["dsr"]["n_trials"] == ev["dsr"]["n_sweep_rows"] + ev["dsr"]["n_optuna_trials"] > 864
+    assert ev["pbo"]["ok"] and ev["pbo"]["blocks"] % 2 == 0, ev["pbo"]
+    assert ev["holdout"]["baseline"] == rep["evaluation"]["baseline_holdout"]
+    assert "FAIL enough trades" in note and "Why (seed gate)" in note
+    assert (root / "results" / rep["run_id"] / "gate_bootstrap.png").exists()
+    assert (root / "results" / rep["run_id"] / "gate_cscv.png").exists()
 
 
 def test_second_start_while_locked_exits_3(committed_root: Path, tmp_path: Path) -> None:
     root = _copy(committed_root, tmp_path / "root")
-    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
+    code = ("import time\n"
             "from core.paths import Paths\nfrom ops.lock import run_lock\n"
             f"with run_lock(Paths.of({str(root)!r})):\n    print('locked', flush=True)\n    time.sleep(60)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

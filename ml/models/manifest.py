@@ -43,6 +43,7 @@ FILES: dict[str, str] = {
     "risk": "risk.joblib",
 }
 SIGNAL_KEYS = ("signal_rf", "signal_xgb", "signal_lgb")
+FILE_MODE = 0o644  # model files and manifest: readable by the bot, which may run as another user
 # which script (re)creates a key, and how to name the group in a prerequisite message
 _PRODUCER = {
     "signal_rf": ("the signal models", "retrain_signal.py"),
@@ -158,7 +159,7 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     manifest["format"] = FORMAT_VERSION
     manifest["updated_at"] = _utc_now()
     text = json.dumps(_jsonable(manifest), indent=2, sort_keys=False) + "\n"
-    atomic_write_bytes(folder / MANIFEST, text.encode("utf-8"))
+    atomic_write_bytes(folder / MANIFEST, text.encode("utf-8"), mode=FILE_MODE)
 
 
 def _utc_now() -> str:
@@ -181,7 +182,7 @@ def save_model(folder: str | os.PathLike[str], key: str, obj: Any, *, feature_na
     buf = io.BytesIO()
     joblib.dump(obj, buf)
     data = buf.getvalue()
-    atomic_write_bytes(dest / fname, data)
+    atomic_write_bytes(dest / fname, data, mode=FILE_MODE)
     entry = {
         "file": fname,
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -331,7 +332,7 @@ def copy_set(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[s
         manifest = read_manifest(src)
         manifest["models"] = kept
         text = json.dumps(manifest, indent=2) + "\n"
-        atomic_write_bytes(dst / MANIFEST, text.encode("utf-8"))
+        atomic_write_bytes(dst / MANIFEST, text.encode("utf-8"), mode=FILE_MODE)
     else:
         (dst / MANIFEST).unlink(missing_ok=True)
     fsync_dir(dst)
