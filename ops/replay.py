@@ -84,7 +84,7 @@ def sundays(start: Any, weeks: int) -> list[pd.Timestamp]:
     ts = pd.Timestamp(start)
     ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
     day = ts.normalize()
-    first = day + pd.Timedelta(days=(6 - day.dayofweek) % 7) + pd.Timedelta(hours=CRON_HOUR)
+    first = day + pd.Timedelta(days=(6 - day.day_of_week) % 7) + pd.Timedelta(hours=CRON_HOUR)
     if first < ts:
         first += WEEK
     return [first + k * WEEK for k in range(weeks)]
@@ -657,6 +657,14 @@ class Replay:
         result = self._summarise(done, scorer, time.perf_counter() - t0)
         return result
 
+    def summary(self) -> dict[str, Any]:
+        """replay.json / replay.md / replay.png from the weeks finished so far (a replay still running, or killed)."""
+        done = self._finished_weeks()
+        if not done:
+            raise UserError(f"{self.dir}: no finished week yet")
+        spent = sum(float(w.get("seconds") or 0.0) for w in done)
+        return self._summarise(done, self._scorer(), spent)
+
     def _finished_weeks(self) -> list[dict[str, Any]]:
         out = []
         for k in range(len(self.sundays)):
@@ -713,6 +721,7 @@ class Replay:
             "curves": {"index": [str(i) for i in curves.index[::16]],
                        **{p: [round(float(x), 2) for x in curves[p].to_numpy()[::16]] for p in POLICIES}},
             "replay_s": round(seconds, 1), "verdict": verdict(t, totals, self.opts.horizon_weeks),
+            "finished": len(weeks) == len(self.sundays),
         }
         tmp = self.dir / "replay.json.tmp"
         tmp.write_text(json.dumps(result, indent=2, default=str))
@@ -764,7 +773,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     o = r["options"]
     src = "demo" if o["demo"] else o["data"]
     lines = [f"# Walk-forward replay {r['id']}{demo}", "",
-             f"{r['tally']['weeks']} Sundays from {o['start']} on {src}{', --quick' if o['quick'] else ''}; gate "
+             f"{r['tally']['weeks']} Sundays" + ("" if r.get("finished", True) else f" (of {o['weeks']}: in progress)")
+             + f" from {o['start']} on {src}{', --quick' if o['quick'] else ''}; gate "
              f"{r['gate_mode']}; horizon {r['horizon_weeks']} weeks; {r['replay_s']:.0f} s.", "",
              f"**Verdict:** {r['verdict']}", "",
              "| policy | return % | max DD % | Sharpe (daily) | trades |", "|---|---:|---:|---:|---:|"]
