@@ -356,8 +356,18 @@ class _Pool:
     def submit(self, fn: Callable[[dict[str, Any]], dict[str, Any]], arg: dict[str, Any]) -> Any:
         if self._client is not None:
             return self._client.submit(fn, arg, pure=False)
+        from concurrent.futures.process import BrokenProcessPool
+
         assert self._pool is not None
-        return self._pool.submit(fn, arg)
+        try:
+            return self._pool.submit(fn, arg)
+        except BrokenProcessPool:  # a worker died (killed, out of memory): a fresh pool, the replay goes on
+            import multiprocessing as mp
+
+            log.warning("a build worker died; starting a new process pool")
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = ProcessPoolExecutor(max_workers=self.size, mp_context=mp.get_context("spawn"))
+            return self._pool.submit(fn, arg)
 
     def close(self) -> None:
         if self._client is not None:
@@ -622,7 +632,10 @@ class Replay:
                     for j in range(k, min(len(self.sundays), k + pool.size + 1)):
                         rid = run_id_of(self.sundays[j])
                         if j not in futures and not (self.paths.results / rid / "state.json").exists():
-                            futures[j] = pool.submit(build_challenger, self._spec(j))
+                            try:
+                                futures[j] = pool.submit(build_challenger, self._spec(j))
+                            except Exception as exc:  # no worker available: that week is built in the root
+                                log.warning("week %d: could not dispatch its build (%s)", j + 1, exc)
                 tw = time.perf_counter()
                 built = None
                 fut = futures.pop(k, None)
@@ -762,10 +775,15 @@ def verdict(t: dict[str, int], totals: dict[str, Any], horizon: int) -> str:
     right = f"{t['right']} of {judged} judged decisions were right over the following {horizon} weeks" if judged \
         else "no decision could be judged (no deployed set before the challengers)"
     best = max(("gated", g), ("always adopt", a), ("never retrain", f), key=lambda x: x[1])[0]
-    helped = "the gate helped" if g >= max(a, f) else ("the gate did not beat " +
-                                                         ("always adopting" if a > g else "never retraining"))
-    return (f"Over {t['weeks']} weeks the gated bot returned {g:+.2f}% (always adopt {a:+.2f}%, never retrain "
-            f"{f:+.2f}%; best: {best}): {helped}, and {right}.")
+    if max(g, a, f) - min(g, a, f) < 1e-9:
+        helped, best = "the three traded the same sets, so the gate made no difference yet", "a tie"
+    elif g >= max(a, f):
+        helped = "the gate helped"
+    else:
+        helped = "the gate did not beat " + ("always adopting" if a > g else "never retraining")
+    n = t["weeks"]
+    return (f"Over {n} week{'s' if n != 1 else ''} the gated bot returned {g:+.2f}% (always adopt {a:+.2f}%, never "
+            f"retrain {f:+.2f}%; best: {best}): {helped}, and {right}.")
 
 
 def render_markdown(r: dict[str, Any]) -> str:
@@ -773,7 +791,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     o = r["options"]
     src = "demo" if o["demo"] else o["data"]
     lines = [f"# Walk-forward replay {r['id']}{demo}", "",
-             f"{r['tally']['weeks']} Sundays" + ("" if r.get("finished", True) else f" (of {o['weeks']}: in progress)")
+             f"{r['tally']['weeks']} Sunday{'s' if r['tally']['weeks'] != 1 else ''}"
+             + ("" if r.get("finished", True) else f" (of {o['weeks']}: in progress)")
              + f" from {o['start']} on {src}{', --quick' if o['quick'] else ''}; gate "
              f"{r['gate_mode']}; horizon {r['horizon_weeks']} weeks; {r['replay_s']:.0f} s.", "",
              f"**Verdict:** {r['verdict']}", "",
@@ -824,8 +843,9 @@ def plot_replay(path: Path, curves: pd.DataFrame, weeks: list[dict[str, Any]], t
     fig, ax = plt.subplots(figsize=(11, 5))
     try:
         for p in POLICIES:
-            ax.plot(curves.index, curves[p].to_numpy(), lw=1.1 if p != "hold" else 0.8, color=colors[p],
-                    label=POLICY_LABELS[p], alpha=1.0 if p != "hold" else 0.6)
+            ax.plot(curves.index, curves[p].to_numpy(), lw=1.6 if p == "gated" else 1.0, color=colors[p],
+                    ls={"adopt": "--", "frozen": ":"}.get(p, "-"), label=POLICY_LABELS[p],
+                    alpha=1.0 if p != "hold" else 0.6)  # styles: curves that coincide stay visible
         seen: set[str] = set()
         for w in weeks:
             ts = pd.Timestamp(w["sunday"])

@@ -5,7 +5,7 @@
   candles, training range and evaluation windows end at or before its Sunday;
 * state carried: the frozen policy's weeks, chained through the saved trading state, equal one continuous backtest
   of the same set over those weeks (same trades, equity to float tolerance);
-* counterfactual bookkeeping on a hand-made 3-week case;
+* (the cut at the source and the counterfactual bookkeeping on a hand-made case: ``tests/test_replay_unit.py``);
 * the demo: gated return >= never-retrain return (2 tiny weeks here, not 6 quick ones: CI time; the README has the
   6-week --quick replay);
 * ``--workers 2`` and a Dask ``LocalCluster`` give the sequential replay's decisions and numbers.
@@ -28,7 +28,7 @@ import pytest
 from core.config import config_to_json, default_config, parse_config
 from core.paths import Paths
 from ops import deploy
-from ops.replay import Replay, ReplayOptions, Scorer, SetStore, judge, tally
+from ops.replay import Replay, ReplayOptions, Scorer, SetStore
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "replay.py"
@@ -56,7 +56,7 @@ def tiny_config() -> str:
     prof["session_sets"] = [["asia", "london", "new_york"]]
     prof["min_trades"] = 1
     prof["max_drawdown_pct"] = 100.0
-    prof["min_score"] = -1e9  # the first week always deploys a set: the policies have something to trade
+    prof["min_score"] = -1e9  # with --gate seed the first week always deploys a set: the policies trade something
     return config_to_json(parse_config(raw))
 
 
@@ -92,7 +92,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _replay_cli(project: Path, rid: str, *args: str, data: str = "demo.parquet", weeks: int = WEEKS
                 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(SCRIPT), "--root", str(project), "--data", str(project / data),
-                           "--start", START, "--weeks", str(weeks), "--horizon-weeks", "1", "--id", rid, *args],
+                           "--start", START, "--weeks", str(weeks), "--horizon-weeks", "1", "--gate", "seed",
+                           "--id", rid, *args],
                           env=_env(), capture_output=True, text=True, timeout=1500)
 
 
@@ -114,20 +115,6 @@ def sequential(project: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the cut
-def test_source_cut_keeps_only_closed_bars(project: Path) -> None:
-    from market.data import load_candles
-
-    cfg = parse_config(json.loads(tiny_config()))
-    paths = Paths.of(project)
-    clean = load_candles(cfg, paths, project / "demo.parquet", cutoff=S1)
-    planted = load_candles(cfg, paths, project / "planted.parquet", cutoff=S1)
-    assert clean.index[-1] == S1 - pd.Timedelta(minutes=15)  # closes exactly at S: kept; the one opening at S: not
-    pd.testing.assert_frame_equal(clean, planted)
-    # read without the cut, the planted bars are a different future
-    assert not load_candles(cfg, paths, project / "planted.parquet").equals(
-        load_candles(cfg, paths, project / "demo.parquet"))
-
-
 def test_a_week_on_planted_future_bars_decides_as_on_clean_ones(project: Path, sequential: dict) -> None:
     r = _replay_cli(project, "planted", data="planted.parquet", weeks=1)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -193,26 +180,6 @@ def test_frozen_weeks_equal_one_continuous_backtest(project: Path, sequential: d
     np.testing.assert_allclose(tr3["pnl"].to_numpy(), three.trades["pnl"].to_numpy(), rtol=1e-9)
 
 
-# ------------------------------------------------------------------------------------------------ bookkeeping
-def test_counterfactual_bookkeeping_hand_made() -> None:
-    good = {"score": 1.2, "net_profit": 300.0}
-    bad = {"score": -0.8, "net_profit": -250.0}
-    weeks = [
-        {"decision": "commit", "champion": None, "judgement": judge("commit", None, good)},  # first set: apart
-        {"decision": "commit", "champion": "a", "judgement": judge("commit", bad, good)},  # better, committed
-        {"decision": "rollback", "champion": "b", "judgement": judge("rollback", good, bad)},  # worse, rolled back
-    ]
-    t = tally(weeks)
-    assert t == {"weeks": 3, "commits": 2, "rollbacks": 1, "errors": 0, "judged": 2, "right": 2,
-                 "right_by_score": 2, "right_by_profit": 2, "no_deployed_set": 1}
-    # and the wrong ones are counted wrong, each criterion on its own
-    assert judge("commit", good, bad) == {"by_score": False, "by_profit": False, "right": False}
-    assert judge("rollback", bad, good)["right"] is False
-    mixed = judge("commit", {"score": 1.0, "net_profit": 100.0}, {"score": 1.1, "net_profit": 90.0})
-    assert mixed == {"by_score": True, "by_profit": False, "right": False}
-    assert judge("error", good, bad) is None
-
-
 # ------------------------------------------------------------------------------------------------ the demo
 def test_demo_gated_at_least_never_retrain(sequential: dict) -> None:
     tot = sequential["totals"]
@@ -245,9 +212,8 @@ def test_dask_local_cluster_equals_sequential(project: Path, sequential: dict, m
         monkeypatch.setenv(k, v)
     with LocalCluster(processes=True, n_workers=2, threads_per_worker=1, host="127.0.0.1",
                       dashboard_address=None) as cluster:
-        rep = Replay(Paths.of(project), "dask", ReplayOptions(start=START, weeks=2, data=str(project / "demo.parquet"),
-                                                              horizon_weeks=1), scheduler=cluster.scheduler_address,
-                     progress=print)
+        opts = ReplayOptions(start=START, weeks=2, data=str(project / "demo.parquet"), horizon_weeks=1, gate="seed")
+        rep = Replay(Paths.of(project), "dask", opts, scheduler=cluster.scheduler_address, progress=print)
         got = rep.run()
     assert any(w["built"] == "built ahead" for w in got["weeks"]), [w["built"] for w in got["weeks"]]
     assert _decisions(got, 2) == _decisions(sequential, 2)
