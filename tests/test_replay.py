@@ -10,7 +10,8 @@
   6-week --quick replay);
 * ``--workers 2`` and a Dask ``LocalCluster`` give the sequential replay's decisions and numbers.
 
-Workload: ~94 days of demo candles, 2 OOS weeks, 2 + 2 trials, a 2-point sweep: a replayed week costs ~15 s of CPU.
+Workload: ~94 days of demo candles, 2 OOS weeks, 2 + 2 trials, a 2-point sweep. Measured on the shared machine: about
+1 minute of CPU per replayed week (7 weeks in this file: over the per-engineer test budget; marked slow).
 """
 
 from __future__ import annotations
