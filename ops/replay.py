@@ -650,7 +650,9 @@ class Replay:
                     rid = run_id_of(self.sundays[k])
                     p = self.paths.results / rid / "report.json"
                     report = json.loads(p.read_text()) if p.is_file() else {"phases": []}
-                    report.setdefault("phases", []).append({"number": 0, "status": "failed", "error": str(exc)})
+                    if not any(ph.get("status") == "failed" for ph in report.get("phases", [])):
+                        # failed outside a phase (e.g. the lock or the recovery): the error is the reason
+                        report.setdefault("phases", []).append({"number": 0, "status": "failed", "error": str(exc)})
                     how = "failed"
                 secs = time.perf_counter() - tw
                 rec, segs = self._week_record(k, report, how, secs, scorer, chain)
