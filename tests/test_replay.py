@@ -95,7 +95,7 @@ def _replay_cli(project: Path, rid: str, *args: str, data: str = "demo.parquet",
     return subprocess.run([sys.executable, str(SCRIPT), "--root", str(project), "--data", str(project / data),
                            "--start", START, "--weeks", str(weeks), "--horizon-weeks", "1", "--gate", "seed",
                            "--id", rid, *args],
-                          env=_env(), capture_output=True, text=True, timeout=1500)
+                          env=_env(), capture_output=True, text=True, timeout=2400)
 
 
 @pytest.fixture(scope="module")
