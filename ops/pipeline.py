@@ -54,6 +54,9 @@ class RunOptions:
     n_trials: int | None = None
     storage: str | None = None
     phases: list[int] | None = None
+    # "as of" time (ISO, UTC): the candle source ends there, only bars closed at or before it exist for the run
+    # (the walk-forward replay runs past Sundays through this same code path; see market.data.closed_by)
+    cutoff: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """What state.json and report.json keep: a storage URL's password is never written (see :func:`resumed`)."""
@@ -253,7 +256,7 @@ def phase_preflight(ctx: RunContext, s: dict[str, Any]) -> None:
         from market.data import load_candles
 
         verify(paths.models)  # signature + hashes of the deployed set itself (errors name models/, not the backup)
-        candles = load_candles(ctx.run_cfg, paths, ctx.options.data, ctx.options.demo)
+        candles = load_candles(ctx.run_cfg, paths, ctx.options.data, ctx.options.demo, cutoff=ctx.options.cutoff)
         ds = build_dataset(candles, ctx.run_cfg)
         m, _ = _backtest(b.models_dir, cfg, ds, {"full": _oos_windows(ds)["full"]})
         s["baseline"] = m["full"]
@@ -273,7 +276,7 @@ def _source_name(cfg: Config) -> str:
 
 def phase_data(ctx: RunContext, s: dict[str, Any]) -> None:
     """MT5 connectivity check + candle refresh (or the file / demo source); validated, stored atomically."""
-    from market.data import refresh, resolve_source
+    from market.data import closed_by, refresh, resolve_source
     from market.data.store import read_store, store_path
     from market.data.validate import trim_history, validate
 
@@ -283,11 +286,11 @@ def phase_data(ctx: RunContext, s: dict[str, Any]) -> None:
             and real_store.exists()):
         # No live source configured, but real history was imported (refresh_data.py --data FILE): use it rather
         # than the demo; there is nothing to refresh it from.
-        stored = read_store(real_store, cfg.data.max_rows)
+        stored = closed_by(read_store(real_store, cfg.data.max_rows), opts.cutoff)
         f, rep = trim_history(*validate(stored, cfg, str(real_store)), cfg)
         source, new_bars, is_demo = f"store {real_store.name} (no live source configured)", 0, False
     else:
-        res = refresh(cfg, ctx.paths, opts.data, opts.demo)
+        res = refresh(cfg, ctx.paths, opts.data, opts.demo, cutoff=opts.cutoff)
         rep, f, source, new_bars, is_demo = res.report, res.frame, res.source, res.new_bars, res.is_demo
     info = {"source": source + (" (DEMO)" if is_demo else ""), "rows": int(len(f)),
             "start": str(f.index[0]), "end": str(f.index[-1]), "new_bars": new_bars,
@@ -698,8 +701,11 @@ def unfinished_runs(paths: Paths) -> list[str]:
     return out
 
 
-def run_pipeline(paths: Paths, options: RunOptions, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) the phases; the caller holds the lock and has called :func:`ops.deploy.recover`."""
+def run_pipeline(paths: Paths, options: RunOptions, resume: bool = False, run_id: str | None = None
+                 ) -> dict[str, Any]:
+    """Run (or resume) the phases; the caller holds the lock and has called :func:`ops.deploy.recover`.
+
+    ``run_id``: the new run's id instead of the clock's (the replay names each run after its Sunday)."""
     if resume:
         pending = unfinished_runs(paths)
         if not pending:
@@ -716,11 +722,15 @@ def run_pipeline(paths: Paths, options: RunOptions, resume: bool = False) -> dic
             st["finished"] = True
             st["abandoned"] = True
             save_state(paths, rid, st)
-        run_id = new_run_id()
-        while (paths.results / run_id).exists():
-            time.sleep(1.0)
+        if run_id is not None:
+            if (paths.results / run_id / "state.json").exists():
+                raise UserError(f"{paths.results / run_id}: run {run_id} exists already")
+        else:
             run_id = new_run_id()
-        (paths.results / run_id).mkdir(parents=True)
+            while (paths.results / run_id).exists():
+                time.sleep(1.0)
+                run_id = new_run_id()
+        (paths.results / run_id).mkdir(parents=True, exist_ok=True)
         state = {"run_id": run_id, "options": options.to_dict(), "completed": [], "finished": False}
         save_state(paths, run_id, state)
     cfg_path = paths.results / run_id / "config.old.json"
