@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 from _candles import real_btc
 
@@ -28,3 +30,15 @@ def tripping_params(cfg: Config, max_drawdown_halt_pct: float) -> Params:
     return replace_params(make_params(cfg), risk_percent=1.0, confidence_threshold=0.6, daily_loss_limit_pct=1.0,
                           max_consecutive_losses=3, cooldown_bars=8, max_drawdown_halt_pct=max_drawdown_halt_pct)
 
+
+def short_demo_raw(demo_bars: int, oos_weeks: int, confidence_threshold: float) -> dict[str, Any]:
+    """The default config as a raw dict, cut down to a short demo run (``demo_bars`` of history, 2+2 trials) with a
+    lower confidence threshold so that a few months still produce trades: the base of the end-to-end tests."""
+    raw = default_config().model_dump(mode="json")
+    raw["data"]["demo_bars"] = demo_bars
+    raw["data"]["history_days"] = 400
+    raw["splits"]["oos_weeks"] = oos_weeks
+    raw["tuning"]["signal_trials"] = 2
+    raw["tuning"]["position_trials"] = 2
+    raw["trading"]["confidence_threshold"] = confidence_threshold
+    return raw
