@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,33 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | N
                       default: Callable[[Any], Any] | None = None) -> Path:
     """``obj`` as JSON (``json.dumps`` options, a final newline) written with :func:`atomic_write_text`."""
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default) + "\n")
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types from numpy scalars/arrays, sets, tuples and anything else (as its ``str``).
+
+    Why here: model metadata, manifests and archives all hold values that come from ML code (numpy floats, arrays,
+    paths, timestamps); one conversion keeps their JSON (and so their hashes) the same. NaN and inf become None
+    because JSON has no such numbers (a report metric may be undefined).
+    """
+    import numpy as np  # lazy: the base layer's writers do not need numpy
+
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if obj is None or isinstance(obj, str | int | bool):
+        return obj
+    return str(obj)
 
 
 def copy_file_atomic(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:

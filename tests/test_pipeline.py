@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
+from _helpers import short_demo_raw
 
-from core.config import config_to_json, default_config, parse_config
+from core.config import config_to_json, parse_config
 from core.io import sha256_file
 from core.paths import Paths
 from ops import deploy
@@ -33,13 +34,7 @@ SCRIPT = REPO / "scripts" / "weekly_optimize.py"
 
 def small_config(min_trades: int = 1, max_dd: float = 100.0) -> str:
     """A config for a ~3-month demo workload with 2+2 trials: the whole job in well under a minute."""
-    raw = default_config().model_dump(mode="json")
-    raw["data"]["demo_bars"] = 14_000
-    raw["data"]["history_days"] = 400
-    raw["splits"]["oos_weeks"] = 3
-    raw["tuning"]["signal_trials"] = 2
-    raw["tuning"]["position_trials"] = 2
-    raw["trading"]["confidence_threshold"] = 0.4  # enough simulated trades on a short history
+    raw = short_demo_raw(14_000, oos_weeks=3, confidence_threshold=0.4)  # enough simulated trades on a short history
     for prof in raw["profiles"].values():
         prof["min_trades"] = min_trades
         prof["max_drawdown_pct"] = max_dd

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from _helpers import short_demo_raw
 
-from core.config import config_to_json, default_config, parse_config
+from core.config import config_to_json, parse_config
 from core.paths import Paths
 from ops import deploy
 from ops.replay import Replay, ReplayOptions, Scorer, SetStore
@@ -41,14 +42,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # ~3 min on an idle 
 
 
 def tiny_config() -> str:
-    raw = default_config().model_dump(mode="json")
-    raw["data"]["demo_bars"] = 9_000
-    raw["data"]["history_days"] = 400
-    raw["splits"]["oos_weeks"] = 2
+    raw = short_demo_raw(9_000, oos_weeks=2, confidence_threshold=0.35)  # enough trades for the risk labels (~3 months)
     raw["splits"]["n_folds"] = 2
-    raw["tuning"]["signal_trials"] = 2
-    raw["tuning"]["position_trials"] = 2
-    raw["trading"]["confidence_threshold"] = 0.35  # enough trades for the risk labels on ~3 months
     prof = raw["profiles"]["moderate"]
     prof["confidence_threshold"] = {"min": 0.35, "max": 0.4, "step": 0.05}  # a 2-point sweep
     prof["risk_percent"] = {"min": 1.0, "max": 1.0, "step": 0.5}

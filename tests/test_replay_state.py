@@ -11,13 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from _candles import real_btc
+from _helpers import rule_models_on_real_btc, tripping_params
 
 from backtest.engine import prepare_arrays, run_arrays, run_replay
-from backtest.policy import State, make_params, replace_params
-from backtest.rules import RuleSignal, toy_exit_model, toy_risk_model
-from core.config import default_config
-from market.features import build_features
+from backtest.policy import State
 
 START, END = 1000, 7000
 WEEK_BARS = 672
@@ -25,14 +22,9 @@ WEEK_BARS = 672
 
 @pytest.fixture(scope="module")
 def setup():  # noqa: ANN201
-    cfg = default_config()
-    candles = real_btc(END)
-    feats = build_features(candles, cfg)
-    pred = RuleSignal(list(feats.columns), sltp_rule=True, exit_model=toy_exit_model(feats, seed=11),
-                      risk_model=toy_risk_model(seed=12))
+    cfg, candles, feats, pred = rule_models_on_real_btc(END)
     arrays = prepare_arrays(candles, feats, pred, cfg)
-    p = replace_params(make_params(cfg), risk_percent=1.0, confidence_threshold=0.6, daily_loss_limit_pct=1.0,
-                       max_consecutive_losses=3, cooldown_bars=8, max_drawdown_halt_pct=40.0)
+    p = tripping_params(cfg, max_drawdown_halt_pct=40.0)
     return arrays, p
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import re
 import zipfile
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
+from core.io import jsonable
 
 SUFFIX = ".zip"
 ARCHIVE_FORMAT = 1
@@ -52,28 +52,6 @@ TRUSTED_SKOPS_TYPES: frozenset[str] = frozenset({
 
 class ArchiveError(UserError):
     """A model archive is malformed, from an unknown format, or holds a type outside the trusted list."""
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types from numpy scalars/arrays and tuples (model metadata comes from ML code)."""
-    import numpy as np
-
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, float | np.floating):
-        v = float(obj)
-        return v if math.isfinite(v) else None  # JSON has no NaN/inf (a report metric may be undefined)
-    if obj is None or isinstance(obj, str | int | bool):
-        return obj
-    return str(obj)
 
 
 def _zip(members: Mapping[str, bytes]) -> bytes:
@@ -167,7 +145,7 @@ def pack(meta: Mapping[str, Any], files: Mapping[str, bytes]) -> bytes:
         raise ValueError("archive meta needs a 'type'")
     if META in files:
         raise ValueError(f"{META} is reserved")
-    body = {"archive_format": ARCHIVE_FORMAT, **_jsonable(dict(meta))}
+    body = {"archive_format": ARCHIVE_FORMAT, **jsonable(dict(meta))}
     text = json.dumps(body, indent=1, sort_keys=True, allow_nan=False) + "\n"
     return _zip({META: text.encode("utf-8"), **dict(files)})
 

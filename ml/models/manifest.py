@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
-from core.io import atomic_write_bytes, fsync_dir
+from core.io import atomic_write_bytes, fsync_dir, jsonable
 
 log = logging.getLogger(__name__)
 
@@ -134,30 +134,6 @@ def code_version() -> str:
         return "unknown"
     sha = res.stdout.strip()
     return sha if res.returncode == 0 and sha else "unknown"
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types from numpy scalars/arrays, paths, timestamps and tuples (manifest values come from ML code)."""
-    import numpy as np
-
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        v = float(obj)
-        return v if np.isfinite(v) else None
-    if isinstance(obj, float):
-        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
-    if obj is None or isinstance(obj, str | int | bool):
-        return obj
-    return str(obj)
 
 
 # ------------------------------------------------------------------------------------------------ signing key
@@ -268,7 +244,7 @@ def key_id(key: bytes) -> str:
 def _payload(manifest: Mapping[str, Any]) -> bytes:
     """The signed bytes: the manifest without its signature, as canonical JSON (sorted keys, no spaces)."""
     body = {k: v for k, v in manifest.items() if k != "signature"}
-    return json.dumps(_jsonable(body), sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+    return json.dumps(jsonable(body), sort_keys=True, separators=(",", ":"), ensure_ascii=True,
                       allow_nan=False).encode("ascii")
 
 
@@ -358,7 +334,7 @@ def _write_manifest(folder: Path, manifest: dict[str, Any], key: bytes, *, touch
     if touch:
         manifest["updated_at"] = _utc_now()
     manifest.pop("signature", None)
-    manifest = _jsonable(manifest)
+    manifest = jsonable(manifest)
     sign_manifest(manifest, key)
     text = json.dumps(manifest, indent=2, sort_keys=False, allow_nan=False) + "\n"
     atomic_write_bytes(folder / MANIFEST, text.encode("utf-8"), mode=FILE_MODE)
@@ -405,7 +381,7 @@ def save_model(folder: str | os.PathLike[str], key: str, obj: Any, *, feature_na
     }
     manifest["models"][key] = entry
     _write_manifest(dest, manifest, sig_key)
-    return _jsonable(entry)
+    return jsonable(entry)
 
 
 def _feature_problem(key: str, recorded: Sequence[str], expected: Sequence[str]) -> str | None:
