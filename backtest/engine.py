@@ -22,13 +22,16 @@ import numpy as np
 import pandas as pd
 
 from backtest import metrics as _metrics
+from backtest import nb as _nb
 from backtest.live import Trader
 from backtest.nb import run_kernel
 from backtest.policy import (
     EXIT_REASONS,
+    RING,
     TRIP_REASONS,
     VOL_REGIME_BARS,
     Params,
+    State,
     decision_clock,
     make_params,
     vol_regime_series,
@@ -169,10 +172,10 @@ class MarketArrays:
             }
         return self._ws
 
-    def paths(self, p: Params, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def paths(self, p: Params, end: int, close_at_end: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Memoised position paths valid for ``p`` (see ``backtest/nb.py``), LRU-bounded."""
         key = (p.sl_multiplier, p.tp_multiplier, p.exit_threshold, p.max_holding_bars, p.fixed_sl_atr,
-               p.fixed_tp_atr, p.slippage_points, p.point, end)
+               p.fixed_tp_atr, p.slippage_points, p.point, end, close_at_end)
         got = self._paths.get(key)
         if got is None:
             got = (np.full(self.n, -1, dtype=np.int64), np.empty(self.n), np.zeros(self.n, dtype=np.int64))
@@ -258,6 +261,7 @@ class FastRun:
     trip_bar: np.ndarray
     trip_code: np.ndarray
     skipped_size: int
+    final_state: State | None = None  # the trading state after bar end - 1 (continue a run from it)
 
     @property
     def n_trades(self) -> int:
@@ -288,22 +292,74 @@ class FastRun:
                               predictor=arrays.predictor, params=self.params)
 
 
+def state_to_vector(state: State) -> np.ndarray:
+    """A :class:`State` as the kernel's state vector (layout ``backtest.nb.ST_*``)."""
+    v = np.zeros(_nb.STATE_SIZE, dtype=np.float64)
+    v[_nb.ST_CASH], v[_nb.ST_PEAK], v[_nb.ST_DAY], v[_nb.ST_DAY_START] = (state.equity, state.peak, state.day,
+                                                                          state.day_start_equity)
+    v[_nb.ST_DAILY_BLOCKED], v[_nb.ST_LOSS_STREAK] = float(state.daily_blocked), state.loss_streak
+    v[_nb.ST_COOLDOWN], v[_nb.ST_HALTED], v[_nb.ST_N_CLOSED] = state.cooldown_until, float(state.halted), \
+        state.n_closed
+    v[_nb.ST_SIDE], v[_nb.ST_SIZE], v[_nb.ST_ENTRY], v[_nb.ST_STOP] = (state.side, state.size, state.entry_price,
+                                                                       state.stop)
+    v[_nb.ST_TARGET], v[_nb.ST_SL_DIST], v[_nb.ST_ENTRY_BAR] = state.target, state.sl_dist, state.entry_bar
+    v[_nb.ST_MULT], v[_nb.ST_PENDING_EXIT] = state.risk_mult, state.pending_exit
+    v[_nb.ST_PEND_SIDE], v[_nb.ST_PEND_SIZE], v[_nb.ST_PEND_SL] = (state.pending_side, state.pending_size,
+                                                                   state.pending_sl_dist)
+    v[_nb.ST_PEND_TP], v[_nb.ST_PEND_MULT] = state.pending_tp_dist, state.pending_risk_mult
+    v[_nb.ST_RING_WIN:_nb.ST_RING_WIN + RING] = state.ring_win
+    v[_nb.ST_RING_EQ:_nb.ST_RING_EQ + RING] = state.ring_eq
+    return v
+
+
+def vector_to_state(v: np.ndarray, *, skipped_size: int, last_bar: int, entry_time_ns: int) -> State:
+    """The kernel's final state vector back as a :class:`State` (the counters the kernel does not carry are
+    passed in)."""
+    return State(
+        equity=float(v[_nb.ST_CASH]), peak=float(v[_nb.ST_PEAK]), day=int(v[_nb.ST_DAY]),
+        day_start_equity=float(v[_nb.ST_DAY_START]), daily_blocked=bool(v[_nb.ST_DAILY_BLOCKED]),
+        loss_streak=int(v[_nb.ST_LOSS_STREAK]), cooldown_until=int(v[_nb.ST_COOLDOWN]),
+        halted=bool(v[_nb.ST_HALTED]), n_closed=int(v[_nb.ST_N_CLOSED]),
+        ring_win=[float(x) for x in v[_nb.ST_RING_WIN:_nb.ST_RING_WIN + RING]],
+        ring_eq=[float(x) for x in v[_nb.ST_RING_EQ:_nb.ST_RING_EQ + RING]], skipped_size=int(skipped_size),
+        last_bar=int(last_bar), side=int(v[_nb.ST_SIDE]), size=float(v[_nb.ST_SIZE]),
+        entry_price=float(v[_nb.ST_ENTRY]), stop=float(v[_nb.ST_STOP]), target=float(v[_nb.ST_TARGET]),
+        sl_dist=float(v[_nb.ST_SL_DIST]), entry_bar=int(v[_nb.ST_ENTRY_BAR]), entry_time_ns=int(entry_time_ns),
+        risk_mult=float(v[_nb.ST_MULT]), pending_exit=int(v[_nb.ST_PENDING_EXIT]),
+        pending_side=int(v[_nb.ST_PEND_SIDE]), pending_size=float(v[_nb.ST_PEND_SIZE]),
+        pending_sl_dist=float(v[_nb.ST_PEND_SL]), pending_tp_dist=float(v[_nb.ST_PEND_TP]),
+        pending_risk_mult=float(v[_nb.ST_PEND_MULT]),
+    )
+
+
 def run_arrays(arrays: MarketArrays, params: Params, start: int = 0, end: int | None = None, *,
-               memo_paths: bool = True, check: bool = True, copy: bool = True) -> FastRun:
+               memo_paths: bool = True, check: bool = True, copy: bool = True, state: State | None = None,
+               close_at_end: bool = True) -> FastRun:
     """Run the compiled kernel on bar positions ``[start, end)`` of prepared arrays with scalar ``params``.
 
     ``memo_paths`` reuses the position paths of earlier runs with the same path-relevant params (``nb.py``);
     ``check=False`` skips the window validation (callers that validated the window once); ``copy=False`` returns
-    views into the shared output buffers (valid only until the next run on the same ``arrays``: score it first)."""
+    views into the shared output buffers (valid only until the next run on the same ``arrays``: score it first).
+
+    ``state`` starts the run from a saved trading state (equity, peak, breakers, streaks, an open position or an
+    order pending at the next open; its bar numbers are positions in ``arrays``) instead of a fresh account, and
+    ``close_at_end=False`` leaves the last bar as a live bot would (no forced close, a decision at its close):
+    ``run.final_state`` then continues the run, so consecutive windows chained this way equal one long run (the
+    walk-forward replay scores each week of the deployed set like this)."""
     if end is None:
         end = arrays.n
     if check:
         start, end = arrays.window(int(start), int(end))
     ws = arrays.workspace()
     if memo_paths:
-        tb, tpx, trs = arrays.paths(params, end)
+        tb, tpx, trs = arrays.paths(params, end, close_at_end)
     else:
         tb, tpx, trs = np.full(arrays.n, -1, dtype=np.int64), np.empty(arrays.n), np.zeros(arrays.n, np.int64)
+    st = state if state is not None else State.initial(params.initial_equity)
+    if st.side != 0 and not 0 <= st.entry_bar < start:
+        raise ValueError(f"state: open position entered at bar {st.entry_bar}, not before the window start {start}")
+    s0 = state_to_vector(st)
+    s1 = np.zeros_like(s0)
     n_tr, n_trips, skipped = run_kernel(
         arrays.open, arrays.high, arrays.low, arrays.close, arrays.spread, arrays.hour, arrays.day, arrays.atr,
         arrays.p_long, arrays.p_short, arrays.sl_atr, arrays.tp_atr, arrays.use_sltp, arrays.exit_X,
@@ -311,13 +367,18 @@ def run_arrays(arrays: MarketArrays, params: Params, start: int = 0, end: int | 
         start, end, tb, tpx, trs,
         ws["t_entry"], ws["t_exit"], ws["t_side"], ws["t_size"], ws["t_entry_px"], ws["t_exit_px"], ws["t_stop"],
         ws["t_target"], ws["t_pnl"], ws["t_r"], ws["t_reason"], ws["t_mult"], ws["equity"], ws["trip_bar"],
-        ws["trip_code"])
+        ws["trip_code"], s0, close_at_end, s1)
     cp = (lambda a: a.copy()) if copy else (lambda a: a)  # noqa: E731
     trades = {k[2:]: cp(ws[k][:n_tr]) for k in ("t_entry", "t_exit", "t_side", "t_size", "t_entry_px", "t_exit_px",
                                                 "t_stop", "t_target", "t_pnl", "t_r", "t_reason", "t_mult")}
+    e_bar = int(s1[_nb.ST_ENTRY_BAR])
+    entry_ns = (st.entry_time_ns if e_bar == st.entry_bar and st.side != 0
+                else int(arrays.index[e_bar].value) if e_bar >= 0 else 0)
+    final = vector_to_state(s1, skipped_size=st.skipped_size + int(skipped), last_bar=end - 1,
+                            entry_time_ns=entry_ns)
     return FastRun(start=start, end=end, params=params, trades=trades, equity=cp(ws["equity"][start:end]),
                    trip_bar=cp(ws["trip_bar"][:n_trips]), trip_code=cp(ws["trip_code"][:n_trips]),
-                   skipped_size=int(skipped))
+                   skipped_size=int(skipped), final_state=final)
 
 
 def run_fast(candles: pd.DataFrame, features: pd.DataFrame | None, predictor: Predictor, cfg: Config,

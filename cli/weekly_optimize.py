@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cli.common import build_parser, locked_and_recovered, run, start
 from core.errors import UserError
-from ops.pipeline import PHASES, RunOptions, run_pipeline
+from ops.pipeline import PHASE_NAMES, RunOptions, run_pipeline
 
 
 def parse_phases(text: str | None) -> list[int] | None:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     dec = data.get("decision") or {}
     print("\nphase                     status   seconds")
     for p in sorted(data.get("phases", []), key=lambda p: p["number"]):
-        name = dict(PHASES).get(p["number"], p["name"])
+        name = PHASE_NAMES.get(p["number"], p["name"])
         print(f"{p['number']:>2} {name:<22} {p['status']:<8} {p.get('seconds') or 0:>8.1f}")
     total = sum(p.get("seconds") or 0 for p in data.get("phases", []))
     print(f"   {'total':<22} {'':<8} {total:>8.1f}")

@@ -216,6 +216,9 @@ class PipelineCfg(_Strict):
     gate: GateCfg = Field(default_factory=GateCfg)
     keep_backups: Annotated[int, Field(ge=1, le=100)] = 5
     min_free_disk_mb: Annotated[int, Field(ge=0)] = 500
+    # a deploy also commits config.json + models/manifest.json in the root's git work tree (run id and scores in the
+    # message; a rollback commits nothing). None (default) = on when the root is a git work tree.
+    git_commit: bool | None = None
 
 
 class Config(_Strict):

@@ -18,8 +18,6 @@ from core.paths import Paths, remove_stale_temp_files
 from market.data import load_candles, refresh
 from market.data.store import read_store, store_path
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def _store(root: Path) -> pd.DataFrame:
     cfg = load_config(root / "config.json")
@@ -98,21 +96,13 @@ def test_parquet_row_count_is_checked_from_metadata(tmp_root: Path, tmp_path: Pa
     assert not list((tmp_root / "data").iterdir())
 
 
-def test_refresh_takes_the_root_lock(tmp_root: Path, tmp_path: Path, snapshot) -> None:
-    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
-            "from core.paths import Paths\nfrom ops.lock import run_lock\n"
-            f"with run_lock(Paths.of({str(tmp_root)!r})):\n    print('locked', flush=True)\n    time.sleep(60)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        before = snapshot(tmp_root)
-        res = run_refresh(tmp_root, "--data", str(write_csv(good_frame(), tmp_path / "a.csv")))
-        assert res.returncode == 3, res.stderr
-        assert str(holder.pid) in res.stderr and len(res.stderr.strip().splitlines()) == 1
-        assert snapshot(tmp_root) == before
-    finally:
-        holder.kill()
-        holder.wait()
+def test_refresh_takes_the_root_lock(tmp_root: Path, tmp_path: Path, snapshot, lock_holder) -> None:
+    holder = lock_holder(tmp_root)
+    before = snapshot(tmp_root)
+    res = run_refresh(tmp_root, "--data", str(write_csv(good_frame(), tmp_path / "a.csv")))
+    assert res.returncode == 3, res.stderr
+    assert str(holder.pid) in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert snapshot(tmp_root) == before
 
 
 def test_temp_files_of_a_killed_write_are_removed_at_the_next_start(tmp_root: Path, tmp_path: Path) -> None:

@@ -59,7 +59,7 @@ def test_shadow_run_equals_backtest_run_trade_for_trade(tmp_path: Path) -> None:
     assert res.line() == f"parity: 0 mismatches over 5184 bars, {res.trades} trades" and res.trades >= 100
 
     # the same window through backtest/run.py itself (its trade CSV), trade for trade
-    from backtest.run import main as backtest_main
+    from cli.backtest import main as backtest_main
 
     csv = tmp_path / "trades.csv"
     assert backtest_main(["--root", str(root), "--data", str(DATA), "--from", start, "--to", end, "--rule-signal",
@@ -151,8 +151,11 @@ def _tiny_set(folder: Path, seed: int) -> None:
 
 
 @pytest.mark.slow
-def test_weekly_swap_keeps_the_open_position_and_refuses_a_tampered_set(tmp_path: Path) -> None:
+def test_weekly_swap_keeps_the_open_position_and_refuses_a_tampered_set(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from ml.models.manifest import FILES, KEY_ENV
     from ops import deploy
+
+    monkeypatch.setenv(KEY_ENV, "k" * 40)  # this machine's signing key (the sets are signed with it)
 
     root = _root(tmp_path, {"risk_profile": "aggressive", "trading": {"confidence_threshold": 0.35}})
     paths = Paths.of(root)
@@ -169,8 +172,8 @@ def test_weekly_swap_keeps_the_open_position_and_refuses_a_tampered_set(tmp_path
     stop, target, entry_bar = held.stop, held.target, held.entry_bar
 
     staged = deploy.stage_dir(paths, "week2")
-    shutil.copytree(tmp_path / "setB", staged)
-    deploy.commit(paths, "week2", staged, None)
+    shutil.copytree(tmp_path / "setB", staged, dirs_exist_ok=True)
+    deploy.commit(paths, "week2", staged, paths.config.read_text())
     bot.opts.max_bars = bot.processed + 1
     bot.run()
     day = bot.last.time.strftime("%Y-%m-%d")
@@ -184,14 +187,36 @@ def test_weekly_swap_keeps_the_open_position_and_refuses_a_tampered_set(tmp_path
         closed = bot.journal.read(day)[-1]["closed"]
         assert (closed["stop"], closed["target"]) == (stop, target)
 
-    # a tampered set on disk (a model file changed after the manifest was written) is refused; the old keeps trading
+    # a new set whose model file no longer matches its manifest (tampered / corrupted on the way) is refused; the
+    # set in use keeps trading
     new_id = bot.deployed.id
-    f = paths.models / "signal_rf.joblib"
-    f.write_bytes(f.read_bytes()[:-1] + bytes([f.read_bytes()[-1] ^ 1]))
+    staged = deploy.stage_dir(paths, "week3")
+    shutil.copytree(tmp_path / "setA", staged, dirs_exist_ok=True)
+    f = staged / FILES["signal_rf"]
+    raw = f.read_bytes()
+    f.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+    deploy.commit(paths, "week3", staged, paths.config.read_text())
     bot.opts.max_bars = bot.processed + 3
     bot.run()
     lines = bot.journal.read(bot.last.time.strftime("%Y-%m-%d"))
     refused = [x for x in lines if x.get("event") == "set_refused"]
-    assert len(refused) == 1 and "signal_rf" in refused[0]["reason"] and refused[0]["kept"] == new_id
+    assert len(refused) == 1 and "signal_rf" in refused[0]["reason"] and refused[0]["kept"] == new_id, refused
     assert [x["set"] for x in lines if x.get("type") == "bar"][-3:] == [new_id] * 3
     assert "refused" in (bot.dir / "notifications.md").read_text()
+
+
+def test_weekly_report_shows_what_the_deployed_set_did_since_its_deploy(tmp_path: Path) -> None:
+    from ops.bot.runner import ParityResult, since_last_deploy
+    from ops.report import render_markdown
+
+    root = _root(tmp_path)
+    bot = _bot(root, root / "live" / "shadow", "2024-05-01", "2024-05-03")
+    bot.run()
+    bot.report_parity(ParityResult("2024-05-02", 96, 3, 1, ["bar 1: order 1/0.1 != 1/0.2"]))
+    live = since_last_deploy(Paths.of(root))
+    closed = [x["closed"] for x in bar_lines(bot.journal) if x["closed"]]
+    assert live is not None and live["bots"][0]["bars"] == 192 and live["bots"][0]["trades"] == len(closed) > 0
+    assert live["bots"][0]["net_profit"] == pytest.approx(sum(c["pnl"] for c in closed))
+    text = render_markdown({"run_id": "r", "live": live})
+    assert "## Since the last deploy" in text and "| shadow |" in text
+    assert "parity mismatch (shadow) 2024-05-02: 1 mismatches" in text

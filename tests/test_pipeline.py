@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from core.config import config_to_json, default_config, parse_config
+from core.io import sha256_file
 from core.paths import Paths
 from ops import deploy
 
@@ -191,7 +192,8 @@ def test_sigkill_at_every_boundary_then_resume(tmp_path: Path) -> None:
     boundaries = [f"after_phase_{k}" for k in range(1, 13)] + ["after_push"]
     run_id = ""
     for i, point in enumerate(boundaries):
-        r = run_job(root, *([] if i == 0 else ["--resume"]), env={"WEEKLY_CRASH_AT": point})
+        hook = deploy.CRASH_ENV if point == "after_push" else "WEEKLY_CRASH_AT"  # after_push: inside deploy.apply
+        r = run_job(root, *([] if i == 0 else ["--resume"]), env={hook: point})
         assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stdout[-2000:], r.stderr[-2000:])
         run_id = run_id or sorted(p.name for p in (root / "results").iterdir() if p.is_dir())[-1]
         assert _check_whole(root, run_id, old, point) == old  # nothing is switched before the commit
@@ -231,6 +233,73 @@ def test_imported_real_history_is_used_when_no_live_source_is_configured(tmp_pat
     assert rep["demo"] is False
     assert rep["data"]["source"].startswith("store BTCUSD_M15.parquet")
     assert rep["data"]["end"].startswith("2024-12-31 23:45")
+
+
+def _script(root: Path, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    e = {**os.environ, "PYTHONHASHSEED": "0", **(env or {})}
+    for k in ("HF_TOKEN", "TELEGRAM_TOKEN", "TELEGRAM_CHAT_ID", deploy.CRASH_ENV):
+        if k not in (env or {}):
+            e.pop(k, None)
+    return subprocess.run([sys.executable, str(REPO / "scripts" / name), "--root", str(root), *args], env=e,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _version_hashes(root: Path, tag: str, dest: Path) -> dict[str, str]:
+    """The complete set a deploy pushed to the (local) registry before switching: what "new" must be."""
+    from ops.hub import LocalRegistry
+
+    got = LocalRegistry(root / "registry").fetch(tag, dest)
+    return {**deploy.hash_models_dir(got / "models"), "config.json": sha256_file(got / "config.json")}
+
+
+def test_sigkill_during_sweep_apply_and_each_retrain(committed_root: Path, tmp_path: Path) -> None:
+    """``sweep --apply`` and the four retrain scripts deploy through ops.deploy.apply: each is SIGKILLed at a
+    different point of its deploy; after each kill the state is the whole old set or the whole new one (the version
+    the registry got), and the next start (here ``sweep --apply``) recovers and deploys. Each leaves a backup, a
+    registry tag and a deploy-history line; config.json keeps its file mode."""
+    root = _copy(committed_root, tmp_path / "root")
+    os.chmod(root / "config.json", 0o644)
+    params = tmp_path / "signal_params.json"  # small forests and boosters: the kill test is about the deploy
+    params.write_text(json.dumps({"model_params": {"rf": {"n_estimators": 20, "max_depth": 6},
+                                                   "xgb": {"n_estimators": 40}, "lgb": {"n_estimators": 40}}}))
+    # a swept folder that is not the deployed set is refused before anything is computed or changed
+    other = tmp_path / "other_models"
+    shutil.copytree(root / "models", other)
+    (other / "manifest.json").write_text((other / "manifest.json").read_text().replace("{", "{ ", 1))
+    before = state(root)
+    r = _script(root, "sweep.py", "--demo", "--apply", "--models", str(other))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not the deployed" in r.stderr, r.stderr
+    assert state(root) == before
+
+    runs = [  # (script, args, run id, kill point, which set recovery must leave)
+        ("retrain_signal.py", ["--params", str(params)], "k-signal", "after_old_moved", "new"),
+        ("retrain_position.py", [], "k-position", "after_push", "old"),
+        ("retrain_sltp.py", [], "k-sltp", "after_config", "new"),
+        ("sweep.py", ["--apply"], None, "after_new_moved", "new"),
+        ("retrain_risk.py", [], "k-risk", "journal_tmp_written", "old"),
+    ]
+    for i, (script, args, run_id, point, want) in enumerate(runs):
+        old = state(root)
+        r = _script(root, script, "--demo", *args, *(["--run-id", run_id] if run_id else []),
+                    env={deploy.CRASH_ENV: point})
+        assert r.returncode == -signal.SIGKILL, (script, point, r.stdout[-2000:], r.stderr[-2000:])
+        tags = json.loads((root / "registry" / "refs.json").read_text())["tags"]
+        run_id = run_id or max(t for t in tags if t.startswith("sweep-"))
+        new = _version_hashes(root, run_id, tmp_path / f"v{i}")
+        assert new != old and (root / "backups" / run_id / "hashes.json").is_file(), script
+        if i < len(runs) - 1:  # what every start does first; the last kill is left to the next real start
+            deploy.recover(Paths.of(root))
+            assert state(root) == (new if want == "new" else old), (script, point)
+            assert not (root / ".deploy_journal.json").exists()
+            assert (root / "config.json").stat().st_mode & 0o777 == 0o644
+    r = _script(root, "sweep.py", "--demo", "--apply")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "removed leftovers" in r.stdout + r.stderr and "applied to" in r.stdout, r.stdout + r.stderr
+    last = deploy.history(Paths.of(root))[-1]
+    assert state(root) == last["hashes"] == _version_hashes(root, last["run_id"], tmp_path / "last")
+    assert (root / "config.json").stat().st_mode & 0o777 == 0o644
+    done = [h["run_id"] for h in deploy.history(Paths.of(root))]
+    assert [d for d in done if d.startswith("k-")] == ["k-signal", "k-sltp"]  # the two killed after the switch
 
 
 # ------------------------------------------------------------------------------ failed runs end in a known state

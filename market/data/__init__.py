@@ -27,10 +27,10 @@ from core.errors import UserError
 from core.paths import Paths
 from market.data import store
 from market.data.demo import demo_candles
-from market.data.sources import COLUMNS, read_file
+from market.data.sources import BAR, COLUMNS, read_file
 from market.data.validate import Gap, Report, trim_history, validate
 
-__all__ = ["COLUMNS", "Gap", "RefreshResult", "Report", "load_candles", "refresh", "resolve_source"]
+__all__ = ["COLUMNS", "Gap", "RefreshResult", "Report", "closed_by", "load_candles", "refresh", "resolve_source"]
 
 log = logging.getLogger("market.data")
 
@@ -67,13 +67,34 @@ def _config_file(cfg: Config, paths: Paths) -> Path:
     return p if p.is_absolute() else paths.root / p
 
 
-def _checked(frame: pd.DataFrame, cfg: Config, name: str) -> tuple[pd.DataFrame, Report]:
-    clean, report = validate(frame, cfg, name)
+def closed_by(frame: pd.DataFrame, cutoff: Any) -> pd.DataFrame:
+    """Only the bars whose *close* (open time + 15 min) is at or before ``cutoff`` (a UTC time; naive = UTC).
+
+    Why here, at the source: the walk-forward replay runs the weekly job "as of" a past Sunday. Every reader below
+    applies the cut to the raw frame before validation, trimming or anything else sees it, so no phase can read a
+    bar that had not closed at that time (a bar opening at 02:00 is still forming at 02:00 and is cut too)."""
+    if cutoff is None:
+        return frame
+    ts = pd.Timestamp(cutoff)
+    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+    keep = frame.index + BAR <= ts
+    if keep.all():
+        return frame
+    out = frame.loc[keep]
+    out.attrs = dict(frame.attrs)
+    out.attrs["cutoff"] = str(ts)
+    if not len(out):
+        raise UserError(f"{frame.attrs.get('source', 'candles')}: no bar closed at or before the cutoff {ts}")
+    return out
+
+
+def _checked(frame: pd.DataFrame, cfg: Config, name: str, cutoff: Any = None) -> tuple[pd.DataFrame, Report]:
+    clean, report = validate(closed_by(frame, cutoff), cfg, name)
     return trim_history(clean, report, cfg)
 
 
 def refresh(cfg: Config, paths: Paths, data_path: str | Path | None = None, demo: bool = False,
-            replace: bool = False) -> RefreshResult:
+            replace: bool = False, cutoff: Any = None) -> RefreshResult:
     """Read the source, validate, merge into the store and write it atomically (only if all passed).
 
     What is *kept* and what is *used* are separate: the store only grows (a file or an MT5 fetch adds bars, it
@@ -85,11 +106,14 @@ def refresh(cfg: Config, paths: Paths, data_path: str | Path | None = None, demo
     corrects the stored one); a store holding another feed is not extended by MT5 without ``replace``. The demo
     goes to its own ``_DEMO`` store (regenerated from its seed, so it is simply rewritten) and never touches real
     history.
+
+    ``cutoff``: a source that ends there (:func:`closed_by`): only bars closed at or before it are read, validated,
+    stored and returned (the walk-forward replay's "as of" Sunday S).
     """
     kind = "file" if data_path is not None else "demo" if demo else resolve_source(cfg)
     max_rows = cfg.data.max_rows
     if kind == "demo":
-        full, report = validate(demo_candles(cfg), cfg, "demo")
+        full, report = validate(closed_by(demo_candles(cfg), cutoff), cfg, "demo")
         target = store.store_path(paths, cfg, demo=True)
         old = store.read_store(target, max_rows) if target.exists() else None
         new_bars = len(full) if old is None else int((~full.index.isin(old.index)).sum())
@@ -100,7 +124,7 @@ def refresh(cfg: Config, paths: Paths, data_path: str | Path | None = None, demo
     target = store.store_path(paths, cfg)
     if kind == "file":
         path = Path(data_path) if data_path is not None else _config_file(cfg, paths)
-        incoming, file_report = validate(read_file(path, cfg), cfg, str(path))
+        incoming, file_report = validate(closed_by(read_file(path, cfg), cutoff), cfg, str(path))
         old = None if replace else store.read_store(target, max_rows)
         merged, new_bars = store.merge_file(old, incoming, str(path), str(target))
         name = str(path) if old is None else f"{target} + {path}"
@@ -112,7 +136,7 @@ def refresh(cfg: Config, paths: Paths, data_path: str | Path | None = None, demo
         report = dataclasses.replace(report, duplicates_dropped=file_report.duplicates_dropped, warnings=warnings)
         if new_bars or old is None:
             store.write_store(target, full, cfg.symbol)
-        frame, report = trim_history(full, report, cfg)
+        frame, report = trim_history(closed_by(full, cutoff), report, cfg)
         frame.attrs["source"] = incoming.attrs["source"]
         return RefreshResult(frame, report, False, frame.attrs["source"], target, new_bars, warnings=warnings)
 
@@ -137,25 +161,27 @@ def refresh(cfg: Config, paths: Paths, data_path: str | Path | None = None, demo
     warnings = report.warnings + fetched.warnings
     if new_bars or old is None or len(full) != len(old):
         store.write_store(target, full, cfg.symbol)
-    frame, report = trim_history(full, report, cfg)
+    frame, report = trim_history(closed_by(full, cutoff), report, cfg)  # the store keeps all, the run: <= cutoff
     return RefreshResult(
         frame, report, False, frame.attrs["source"], target, new_bars, fetched.symbol_info, warnings=warnings
     )
 
 
-def load_candles(cfg: Config, paths: Paths, data_path: str | Path | None = None, demo: bool = False) -> pd.DataFrame:
+def load_candles(cfg: Config, paths: Paths, data_path: str | Path | None = None, demo: bool = False,
+                 cutoff: Any = None) -> pd.DataFrame:
     """The validated standard frame (most recent ``history_days``): ``data_path`` or the demo when given (nothing is
-    written), else the store, refreshed from the configured source first when there is no store yet."""
+    written), else the store, refreshed from the configured source first when there is no store yet. ``cutoff``:
+    only bars closed at or before it (:func:`closed_by`)."""
     if data_path is not None:
         path = Path(data_path)
-        return _checked(read_file(path, cfg), cfg, str(path))[0]
+        return _checked(read_file(path, cfg), cfg, str(path), cutoff)[0]
     if demo:
-        return _checked(demo_candles(cfg), cfg, "demo")[0]
+        return _checked(demo_candles(cfg), cfg, "demo", cutoff)[0]
     kind = resolve_source(cfg)
     real = store.store_path(paths, cfg)
     use_real = kind != "demo" or (cfg.data.source == "auto" and real.exists())
     target = real if use_real else store.store_path(paths, cfg, demo=True)
     stored = store.read_store(target, cfg.data.max_rows)
     if stored is None:
-        return refresh(cfg, paths, demo=not use_real).frame
-    return _checked(stored, cfg, str(target))[0]
+        return refresh(cfg, paths, demo=not use_real, cutoff=cutoff).frame
+    return _checked(stored, cfg, str(target), cutoff)[0]

@@ -20,7 +20,7 @@ Positions are simulated with the backtester's own rule functions, so training an
 * one row per close at which the backtester would ask the position model (a bar with the position still open that
   has not reached ``max_holding_bars``): :data:`backtest.policy.POSITION_STATE_FEATURES` filled by
   :func:`backtest.policy.position_state_features` (the kernel's own filler), followed by the bar's
-  ``market_features``. This is exactly the row the kernel builds (``xbuf`` in :func:`backtest.policy.exit_decision`).
+  ``market_features``. This is exactly the row the kernel builds (``xbuf`` in :func:`backtest.policy.model_exit`).
 
 The target (documented rule)
 ----------------------------
@@ -72,6 +72,7 @@ from backtest.policy import (
 from backtest.trees import CompiledTrees, compile_booster, empty_trees
 from core.config import Config, default_config
 from core.errors import TooFewTrades, UserError
+from ml.models.manifest import SIGNAL_KEYS
 
 DEFAULT_MARKET_FEATURES: list[str] = [
     # short-term momentum and mean-reversion context, volatility state and the hourly trend: what tells a trader that
@@ -94,13 +95,10 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "num_boost_round": 300,
     "early_stopping_rounds": 30,
 }
-# keys that steer training rather than being LightGBM parameters
-_TRAIN_KEYS = ("num_boost_round", "n_estimators", "early_stopping_rounds")
 # forced for reproducibility (same seed + data -> bit-identical boosters): one thread, row-wise histograms (LightGBM's
 # auto row/col choice is timing-based), deterministic mode; quiet.
 _FIXED = {"deterministic": True, "force_row_wise": True, "num_threads": 1, "verbosity": -1}
 
-SIGNAL_KEYS = ("signal_rf", "signal_xgb", "signal_lgb")  # the ensemble's manifest keys (ml.models.manifest)
 
 
 # ============================================================================================== LightGBM helpers

@@ -55,7 +55,8 @@ from backtest.policy import (
 from backtest.trees import CompiledTrees, compile_booster
 from core.config import Config, default_config
 from core.errors import TooFewTrades
-from ml.models.position import SIGNAL_KEYS, lgb_params, require_models, train_booster
+from ml.models.manifest import SIGNAL_KEYS
+from ml.models.position import lgb_params, require_models, train_booster
 
 WINDOW = 5
 R_CAP = 3.0

@@ -59,8 +59,8 @@ from backtest.policy import (
 from backtest.trees import CompiledTrees, compile_booster
 from core.config import Config, default_config
 from core.errors import TooFewTrades
+from ml.models.manifest import SIGNAL_KEYS
 from ml.models.position import (
-    SIGNAL_KEYS,
     full_probabilities,
     lgb_params,
     require_models,

@@ -84,42 +84,35 @@ def fingerprint(paths: Paths) -> tuple[str, str]:
     return (sha256_file(man) if man.exists() else "", sha256_file(paths.config) if paths.config.exists() else "")
 
 
-def load_deployed(paths: Paths, rule_signal: bool = False, attempts: int = 3, wait_s: float = 0.2) -> Deployed:
-    """Load ``models/`` + ``config.json`` as one unit (ops/deploy.py's note: read them together, retry when the
-    switch is half-way). Raises :class:`SetRefused` with the reason."""
-    last = "unknown"
-    for attempt in range(attempts):
-        if attempt:
-            time.sleep(wait_s)
+def load_deployed(paths: Paths, rule_signal: bool = False, wait_s: float = 1.0) -> Deployed:
+    """Load ``models/`` + ``config.json`` as one unit with :func:`ml.models.bundle.load_deployed` (signature and
+    every file's hash checked before anything is decoded; both read together, retried once when a switch is
+    half-way). ``rule_signal``: the config only, with the rule-based signal. Raises :class:`SetRefused`."""
+    if rule_signal:
+        from backtest.rules import RuleSignal
+
         if paths.journal.exists():
-            last = "a deploy is half-way (deploy journal present)"
-            continue
-        before = fingerprint(paths)
-        if not before[1]:
+            raise SetRefused("a model/config switch is in progress (deploy journal present)")
+        _, config_sha = fingerprint(paths)
+        if not config_sha:
             raise SetRefused(f"{paths.config}: missing")
         try:
             cfg = load_config(paths.config)
-            if rule_signal:
-                from backtest.rules import RuleSignal
-
-                predictor: Any = RuleSignal(feature_names(cfg))
-            else:
-                if not before[0]:
-                    raise SetRefused(f"{paths.models / 'manifest.json'}: missing (no deployed models)")
-                from ml.models.bundle import load_bundle
-
-                predictor = load_bundle(paths.models, feature_names(cfg))
-        except SetRefused:
-            raise
         except UserError as exc:
-            if fingerprint(paths) != before or paths.journal.exists():
-                last = f"the set changed while loading ({exc})"
-                continue
             raise SetRefused(str(exc)) from None
-        if fingerprint(paths) == before and not paths.journal.exists():
-            return Deployed(cfg, predictor, before[0], before[1])
-        last = "the set changed while loading"
-    raise SetRefused(f"deployed set not loaded after {attempts} attempts: {last}")
+        if fingerprint(paths)[1] != config_sha:
+            raise SetRefused("config.json changed while being read")
+        return Deployed(cfg, RuleSignal(feature_names(cfg)), fingerprint(paths)[0], config_sha)
+    from ml.models.bundle import load_deployed as load_pair
+
+    try:
+        d = load_pair(paths, retry_wait_s=wait_s)
+    except UserError as exc:
+        raise SetRefused(str(exc)) from None
+    return Deployed(d.config, d.bundle, d.manifest_sha256, d.config_sha256)
+
+
+_HALF_WAY = ("in progress", "changed while being read", "no consistent pair")
 
 
 # ------------------------------------------------------------------------------------------------------ window
@@ -171,7 +164,7 @@ class Journal:
         return sorted(p.stem for p in self.dir.glob("*.jsonl"))
 
     def append(self, day: str, lines: list[dict[str, Any]], bar: int = -1) -> None:
-        data = "".join(json.dumps(x, sort_keys=True, allow_nan=True) + "\n" for x in lines).encode()
+        data = "".join(json.dumps(x, sort_keys=True) + "\n" for x in lines).encode()
         with open(self.path(day), "ab") as fh:
             if os.environ.get(CRASH_ENV) == f"torn_journal@{bar}":
                 fh.write(data[: len(data) // 2])
@@ -229,6 +222,12 @@ class Journal:
             self.path(d).unlink(missing_ok=True)
             (self.dir.parent / "days" / f"{d}.json").unlink(missing_ok=True)
         return gone
+
+
+def _num(x: Any) -> float | None:
+    """A float for the journal, None for NaN (the journal is strict JSON)."""
+    x = float(x)
+    return x if np.isfinite(x) else None
 
 
 def _trade_json(rec: Any) -> dict[str, Any]:
@@ -365,9 +364,9 @@ class Bot:
         if fp == cur or fp == self._refused:
             return
         try:
-            new = load_deployed(self.paths, self.opts.rule_signal, attempts=1)
+            new = load_deployed(self.paths, self.opts.rule_signal, wait_s=0.2)
         except SetRefused as exc:
-            if self.paths.journal.exists() or "half-way" in str(exc) or "changed while" in str(exc):
+            if self.paths.journal.exists() or any(k in str(exc) for k in _HALF_WAY):
                 return  # the switch is in progress: look again at the next bar
             self._refused = fp
             self.alert("set_refused", f"new deployed set refused, the old one ({self.deployed.id}) keeps trading: "
@@ -393,8 +392,9 @@ class Bot:
         n = self._number(bar)
         day = bar.time.strftime("%Y-%m-%d")
         new_day = self.last is None or self.last.time.strftime("%Y-%m-%d") != day
-        if new_day:  # the day's start state and the bars before it: what --parity DAY replays from
-            self._write_json(self.dir / "days" / f"{day}.json",
+        snap = self.dir / "days" / f"{day}.json"
+        if new_day or not snap.exists():  # the day's start state (or, started mid-day, this bar's) and the bars
+            self._write_json(snap,  # before it: what --parity DAY replays from
                              {"bar": n, "state": self.trader.state.to_dict(), "window": self.window.to_json(),
                               "set": self.deployed.id})
         self.check_swap(n, day)
@@ -409,7 +409,8 @@ class Bot:
         line: dict[str, Any] = {
             "type": "bar", "bar": n, "time": bar.time.isoformat(), "bar_values": bar.to_json(),
             "inputs": hashlib.sha256(row.tobytes() + np.asarray(bar.values()).tobytes()).hexdigest()[:16],
-            "p_long": pred["p_long"], "p_short": pred["p_short"], "sl_atr": pred["sl_atr"], "tp_atr": pred["tp_atr"],
+            "p_long": _num(pred["p_long"]), "p_short": _num(pred["p_short"]), "sl_atr": _num(pred["sl_atr"]),
+            "tp_atr": _num(pred["tp_atr"]),
             "decision": ("long" if rep.order_side > 0 else "short" if rep.order_side < 0 else
                          "exit_" + ("model" if rep.pending_exit == 3 else "time") if rep.pending_exit else
                          "hold" if s.side else "none"),
@@ -529,8 +530,13 @@ class Bot:
                 time.sleep(self.opts.poll_seconds)
 
     # ------------------------------------------------------------------------------------------------ parity
-    def daily_parity(self, day: str) -> ParityResult:
-        res = parity_day(self.dir, day, self.paths, self.deployed, self.opts.mode)
+    def daily_parity(self, day: str) -> ParityResult | None:
+        """The check after each UTC day; it never stops the bot (a failure is an alert)."""
+        try:
+            res = parity_day(self.dir, day, self.paths, self.deployed, self.opts.mode)
+        except Exception as exc:  # noqa: BLE001 - a check must not take the trading loop down
+            self.alert("parity_failed", f"parity check for {day} could not run: {type(exc).__name__}: {exc}")
+            return None
         self.report_parity(res)
         return res
 
@@ -705,3 +711,45 @@ def parity_backtest(folder: Path, candles: pd.DataFrame, start: int, end: int, d
             mism += int(off.size)
             details.append(f"equity differs on {off.size} bars, first at bar {lines[int(off[0])]['bar']}")
     return ParityResult("backtest/run.py window", len(lines), len(ref), mism, details)
+
+
+# ------------------------------------------------------------------------------------------- weekly report
+def since_last_deploy(paths: Paths) -> dict[str, Any] | None:
+    """What the deployed set did live (every bot folder under ``<root>/live`` except recorded runs) since it was
+    deployed, next to what its backtest promised (the OOS evaluation of the run that committed it): the weekly
+    report's "since the last deploy" section. None when no bot has journaled anything for this set."""
+    manifest, config = fingerprint(paths)
+    set_id = f"{manifest[:12]}/{config[:12]}"
+    bots: list[dict[str, Any]] = []
+    for folder in sorted((paths.root / "live").glob("*")):
+        if not (folder / "journal").is_dir() or folder.name.startswith("data-"):
+            continue
+        lines = [x for x in bar_lines(Journal(folder, fsync=False)) if x.get("set") == set_id]
+        if not lines:
+            continue
+        pnl = [x["closed"]["pnl"] for x in lines if x["closed"]]
+        checks = []
+        if (folder / "parity.jsonl").exists():
+            days = {x["time"][:10] for x in lines}
+            checks = [json.loads(x) for x in (folder / "parity.jsonl").read_text().splitlines() if x.strip()]
+            checks = [c for c in checks if c.get("what") in days]
+        eq0 = lines[0]["equity"]
+        bots.append({
+            "bot": folder.name, "from": lines[0]["time"], "to": lines[-1]["time"], "bars": len(lines),
+            "trades": len(pnl), "net_profit": float(sum(pnl)), "win_rate": (sum(p > 0 for p in pnl) / len(pnl))
+            if pnl else None, "return_pct": (lines[-1]["equity"] / eq0 - 1.0) * 100.0 if eq0 else None,
+            "parity_checks": len(checks), "parity_mismatches": int(sum(c.get("mismatches", 0) for c in checks)),
+            "mismatch_lines": [f"{c['what']}: {c['mismatches']} mismatches" for c in checks if c.get("mismatches")],
+        })
+    if not bots:
+        return None
+    promised = None
+    for rep in sorted(paths.results.glob("*/report.json"), reverse=True):
+        try:
+            doc = json.loads(rep.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if doc.get("model_hash") == manifest and (doc.get("decision") or {}).get("action") == "commit":
+            promised = {"run_id": doc.get("run_id"), "metrics": (doc.get("evaluation") or {}).get("new_full")}
+            break
+    return {"set": set_id, "bots": bots, "promised": promised}

@@ -382,3 +382,9 @@ def positions_get(symbol=None, ticket=None):
         if not _ready():
             return None
         return tuple(p for p in _state["positions"].values() if symbol in (None, p.symbol))
+
+
+def _standin_set_mode(rates_mode: str) -> None:
+    """"ok", or "none" (copy_rates_* answer None: the terminal lost its connection), keeping bars and positions."""
+    with _lock:
+        _state["rates_mode"] = str(rates_mode)
