@@ -12,6 +12,15 @@ from core.io import parse_tmp_name
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _under(name: str) -> property:
+    """A read-only attribute ``root / name`` of :class:`Paths` (the layout is data: a table, not nine getters)."""
+
+    def get(self: Paths) -> Path:
+        return self.root / name
+
+    return property(get, doc=f"``<root>/{name}``")
+
+
 @dataclass(frozen=True)
 class Paths:
     """All paths of one root. ``config.json``, ``data/``, ``models/``, ``results/``, ``backups/`` live here."""
@@ -22,41 +31,16 @@ class Paths:
     def of(cls, root: str | Path | None = None) -> Paths:
         return cls(Path(root).resolve() if root else REPO_ROOT)
 
-    @property
-    def config(self) -> Path:
-        return self.root / "config.json"
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def models(self) -> Path:
-        return self.root / "models"
-
-    @property
-    def results(self) -> Path:
-        return self.root / "results"
-
-    @property
-    def backups(self) -> Path:
-        return self.root / "backups"
-
-    @property
-    def staging(self) -> Path:
-        return self.root / "staging"
-
-    @property
-    def registry(self) -> Path:
-        return self.root / "registry"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / ".weekly_optimize.lock"
-
-    @property
-    def journal(self) -> Path:
-        return self.root / ".deploy_journal.json"
+    # the layout as one table: each name is a path below the root
+    config = _under("config.json")
+    data = _under("data")
+    models = _under("models")
+    results = _under("results")
+    backups = _under("backups")
+    staging = _under("staging")
+    registry = _under("registry")
+    lock = _under(".weekly_optimize.lock")
+    journal = _under(".deploy_journal.json")
 
 
 def remove_stale_temp_files(paths: Paths) -> list[str]:

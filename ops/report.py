@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -195,6 +195,15 @@ def _pct(v: Any) -> str:
     return "-" if not isinstance(v, (int, float)) else f"{100 * v:.4f}%"
 
 
+def _evidence_line(ev: dict[str, Any], key: str, label: str, text: Callable[[dict[str, Any]], str]) -> str:
+    """One bullet for one piece of evidence: ``text(entry)`` when it was computed, else why it was not (every piece
+    says the same "not computed (reason)", so that a reader can scan for what is missing)."""
+    entry = ev.get(key) or {}
+    if entry.get("ok"):
+        return f"- {text(entry)}"
+    return f"- {label}: not computed ({entry.get('reason')})"
+
+
 def why_this_decision(d: dict[str, Any]) -> list[str]:
     """The "Why this decision" section: every gate condition with its number, threshold, pass/fail and meaning,
     then the evidence behind them (including the directional skill, which is reported but not gated) and the two
@@ -218,32 +227,25 @@ def why_this_decision(d: dict[str, Any]) -> list[str]:
         lines.append("### The evidence\n")
         for key, label in (("paired_full", "Paired bootstrap, full OOS"), ("paired_holdout", "Paired bootstrap, "
                                                                                                "holdout alone")):
-            p = ev.get(key) or {}
-            if p.get("ok"):
+            def paired(p: dict[str, Any], label: str = label) -> str:
                 ci = p.get("ci95") or [None, None]
-                lines.append(f"- {label}: P(new beats deployed) = {_num(p.get('prob_better'))} over "
-                             f"{p.get('n_days')} days (block {p.get('block')} days, {p.get('resamples')} resamples, "
-                             f"seed {p.get('seed')}); mean daily difference {_pct(p.get('observed_mean'))} "
-                             f"(95%: {_pct(ci[0])} .. {_pct(ci[1])})")
-            else:
-                lines.append(f"- {label}: not computed ({p.get('reason')})")
-        ds = ev.get("dsr") or {}
-        if ds.get("ok"):
-            lines.append(f"- Deflated Sharpe ratio {_num(ds.get('dsr'))}: annual Sharpe "
-                         f"{_num(ds.get('sharpe_annual'), 2)} over {ds.get('n_days')} days "
-                         f"(skew {_num(ds.get('skew'), 2)}, kurtosis "
-                         f"{_num(ds.get('kurtosis'), 2)}) against {_num(ds.get('sr0_annual'), 2)}, the best of "
-                         f"N = {ds.get('n_trials')} pure-luck tries ({ds.get('n_optuna_trials')} Optuna trials + "
-                         f"{ds.get('n_sweep_rows')} sweep rows; near-copies make N an upper bound)")
-        else:
-            lines.append(f"- Deflated Sharpe ratio: not computed ({ds.get('reason')})")
-        pb = ev.get("pbo") or {}
-        if pb.get("ok"):
-            lines.append(f"- PBO {_num(pb.get('pbo'))} (CSCV, {pb.get('n_configs')} sweep configurations, "
-                         f"{pb.get('blocks')} blocks of {pb.get('block_days')} days, {pb.get('n_splits')} splits); "
-                         f"the in-sample winner lost money out of sample in {_num(pb.get('prob_oos_loss'))} of them")
-        else:
-            lines.append(f"- PBO: not computed ({pb.get('reason')})")
+                return (f"{label}: P(new beats deployed) = {_num(p.get('prob_better'))} over "
+                        f"{p.get('n_days')} days (block {p.get('block')} days, {p.get('resamples')} resamples, "
+                        f"seed {p.get('seed')}); mean daily difference {_pct(p.get('observed_mean'))} "
+                        f"(95%: {_pct(ci[0])} .. {_pct(ci[1])})")
+
+            lines.append(_evidence_line(ev, key, label, paired))
+        lines.append(_evidence_line(ev, "dsr", "Deflated Sharpe ratio", lambda ds: (
+            f"Deflated Sharpe ratio {_num(ds.get('dsr'))}: annual Sharpe "
+            f"{_num(ds.get('sharpe_annual'), 2)} over {ds.get('n_days')} days "
+            f"(skew {_num(ds.get('skew'), 2)}, kurtosis "
+            f"{_num(ds.get('kurtosis'), 2)}) against {_num(ds.get('sr0_annual'), 2)}, the best of "
+            f"N = {ds.get('n_trials')} pure-luck tries ({ds.get('n_optuna_trials')} Optuna trials + "
+            f"{ds.get('n_sweep_rows')} sweep rows; near-copies make N an upper bound)")))
+        lines.append(_evidence_line(ev, "pbo", "PBO", lambda pb: (
+            f"PBO {_num(pb.get('pbo'))} (CSCV, {pb.get('n_configs')} sweep configurations, "
+            f"{pb.get('blocks')} blocks of {pb.get('block_days')} days, {pb.get('n_splits')} splits); "
+            f"the in-sample winner lost money out of sample in {_num(pb.get('prob_oos_loss'))} of them")))
         ho = ev.get("holdout") or {}
         for who in ("new", "baseline"):
             m = ho.get(who)
