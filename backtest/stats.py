@@ -419,20 +419,22 @@ def gate_evidence(new_daily: dict[str, np.ndarray], base_daily: dict[str, np.nda
                   sweep_daily: np.ndarray | None, n_optuna: int, holdout: dict[str, Any],
                   direction: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None, *,
                   resamples: int = 5000, seed: int = 0, pbo_blocks: int = 16,
-                  direction_resamples: int = 1000) -> dict[str, Any]:
+                  direction_resamples: int = 1000,
+                  no_baseline: str = "first run: no deployed set to compare with") -> dict[str, Any]:
     """The gate's five pieces of evidence from daily returns (one function for the weekly job and the tests).
 
     ``new_daily`` / ``base_daily``: {"full": ..., "holdout": ...} daily returns of the challenger and the champion on
     the same days (``base_daily`` None on a first run); ``sweep_daily``: the sweep's days x configurations matrix;
     ``n_optuna``: Optuna trials the run finished; ``holdout``: {"new": metrics, "baseline": metrics or None};
-    ``direction``: (p_long, p_short, label, valid) on the OOS bars. Plot arrays stay under ``_`` keys."""
+    ``direction``: (p_long, p_short, label, valid) on the OOS bars; ``no_baseline``: why the paired comparison is
+    missing when ``base_daily`` is None. Plot arrays stay under ``_`` keys."""
     out: dict[str, Any] = {"holdout": holdout}
     if base_daily is not None:
         for key, win in (("paired_full", "full"), ("paired_holdout", "holdout")):
             out[key] = paired_bootstrap(new_daily[win], base_daily[win], resamples, seed)
     else:
         for key in ("paired_full", "paired_holdout"):
-            out[key] = _fail("first run: no deployed set to compare with", prob_better=None)
+            out[key] = _fail(no_baseline, prob_better=None)
     if sweep_daily is None or sweep_daily.ndim != 2 or sweep_daily.shape[1] == 0:
         out["dsr"] = _fail("no sweep returns (the sweep did not run)", dsr=None)
         out["pbo"] = _fail("no sweep returns (the sweep did not run)", pbo=None)

@@ -4,8 +4,10 @@ Windows: ``--oos-only`` runs the held-out OOS window (the last ``splits.oos_week
 trained on); ``--from/--to`` a chosen window; otherwise the last ``--lookback-weeks`` weeks. Any window that starts
 before the OOS window is labelled "POSSIBLY IN-SAMPLE" in the table and the JSON: the models may have trained on it.
 
-Exit codes: 0 ok; 2 bad input (config, data, window, gaps, missing/mismatched models), one line on stderr and nothing
-written. Outputs (``--json``, ``--trades``, ``--plot``) are written only after the run succeeded, each atomically.
+Exit codes: 0 ok; 2 bad input (config, data, window, gaps, missing/mismatched models; an unsigned, wrongly signed or
+modified model set; config.json and models/ changing under the read), one line on stderr and nothing written. No
+model file is ever unpickled (:mod:`ml.models.archive`). Outputs (``--json``, ``--trades``, ``--plot``) are written
+only after the run succeeded, each atomically.
 """
 
 from __future__ import annotations
@@ -66,19 +68,27 @@ def _window(index: pd.DatetimeIndex, args: argparse.Namespace, oos_weeks: int) -
     return s, e, s < oos_start
 
 
-def _predictor(args: argparse.Namespace, models_dir: Path, names: list[str]) -> Any:
+def _config_and_predictor(args: argparse.Namespace, paths: Any) -> tuple[Any, Any]:
+    """(config, predictor). With models: config.json and models/ read as ONE consistent pair
+    (:func:`ml.models.bundle.load_deployed`: no deploy switch in progress, neither changed while being read, the
+    manifest's signature and every file hash checked before anything is decoded)."""
+    from market.features import feature_names
+
+    models_dir = Path(args.models) if args.models else paths.models
     if args.rule_signal:
         from backtest.rules import RuleSignal
 
-        return RuleSignal(names)
+        cfg = config_of(args, paths)
+        return cfg, RuleSignal(feature_names(cfg))
     if not (models_dir / "manifest.json").exists():
+        config_of(args, paths)  # a bad config is reported first, as before
         raise UserError(f"no trained models in {models_dir} (manifest.json missing): train them first "
                         f"(scripts/weekly_optimize.py or scripts/retrain_*.py) or pass --rule-signal")
-    try:
-        from ml.models.bundle import load_bundle
-    except ImportError as exc:
-        raise UserError(f"model loading is not available: {exc}") from None
-    return load_bundle(models_dir, names)
+    from ml.models.bundle import load_deployed
+
+    config_path = Path(args.config) if args.config else None
+    deployed = load_deployed(paths, config_path=config_path, models_dir=models_dir)
+    return deployed.config, deployed.bundle
 
 
 def _fmt(v: Any) -> str:
@@ -126,19 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     from backtest.metrics import json_safe
     from backtest.plots import plot_equity
     from market.data import load_candles
-    from market.features import build_features, feature_names
+    from market.features import build_features
 
     paths = start(args)
-    cfg = config_of(args, paths)
-    models_dir = Path(args.models) if args.models else paths.models
-    names = feature_names(cfg)
-    if not args.rule_signal and not (models_dir / "manifest.json").exists():
-        _predictor(args, models_dir, names)  # raises the one-line "no trained models" error before any work
+    cfg, predictor = _config_and_predictor(args, paths)  # models verified before any data work
     candles = load_candles(cfg, paths, args.data)
     if len(candles) < 2:
         raise UserError("no candles to backtest")
     s, e, in_sample = _window(candles.index, args, cfg.splits.oos_weeks)
-    predictor = _predictor(args, models_dir, names)
     if args.step:
         res = run_step(candles, predictor, cfg, s, e, in_sample=in_sample)
     else:

@@ -3,8 +3,9 @@
 Sources: ``--data FILE`` (MT5 export or plain CSV/Parquet), ``--demo`` (the seeded generator), else what config.json
 says (MT5 when configured - data.source "mt5", or "auto" with MT5_LOGIN set - else data.file, else the demo).
 Bad data or config: one line on stderr, exit code 2, and the store and config.json untouched. A file is merged into
-the store (new bars added, overlapping bars must agree); ``--replace`` makes the file the whole store instead. The
-command holds the root's run lock (as the weekly job does): while a run holds it, it exits 3 at once.
+the store (new bars added, overlapping bars must agree); ``--replace`` makes the file (or MT5's history) the whole
+store instead, keeping the previous store under ``data/replaced/``. The command holds the root's run lock (as the
+weekly job does): while a run holds it, it exits 3 at once.
 
     refresh-data --data ../shared/data/BTCUSDT_15m_2023_2024.csv
     python scripts/refresh_data.py --demo --root /tmp/run1
@@ -23,10 +24,11 @@ from market.data import refresh
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser(__doc__, ["root", "data", "demo"], prog="refresh-data")
     ap.add_argument("--replace", action="store_true",
-                    help="with --data: replace the stored history by the file instead of merging (drops stored bars)")
+                    help="replace the stored history by the file (or by MT5's history) instead of merging; the "
+                         "previous store is kept under data/replaced/")
     args = ap.parse_args(argv)
-    if args.replace and not args.data:
-        raise UserError("--replace needs --data FILE")
+    if args.replace and args.demo:
+        raise UserError("--replace does not apply to --demo (the demo store is regenerated from its seed)")
     paths = start(args)
     cfg = config_of(args, paths)
     with locked_and_recovered(paths):  # the weekly job reads and writes the same store: one writer per root

@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
                       previous=previous, seed=cfg.tuning.seed, sample=args.rows, rf_sample=args.rf_rows)
 
     tag = "DEMO " if ds.is_demo else ""
-    print(f"{tag}SHAP of {', '.join(rep['models'])} on {rep['n_rows']} training rows, {rep['n_features']} features; "
-          f"mean rank agreement {rep['mean_rank_agreement']}; compared with {rep['previous'] or 'no earlier report'}")
+    rows = ", ".join(f"{m} {n}" for m, n in rep["n_rows"].items())
+    print(f"{tag}SHAP on training rows ({rows}), {rep['n_features']} features; mean rank agreement "
+          f"{rep['mean_rank_agreement']}; compared with {rep['previous'] or 'no earlier report'}")
     for f in rep["features"][:10]:
         protected = "  (protected)" if f["protected"] else ""
         print(f"{tag}  {f['rank']:>2} {f['feature']:<28} {f['mean_share']:.3f}{protected}")

@@ -13,8 +13,9 @@ The 13 phases, in order (each a plain function in ``ops/pipeline.py``; outputs u
 12. clean backtest on the whole OOS window (incl. the 30% holdout), new vs deployed
 13. gate: commit (Hub push, atomic switch, success report) or rollback (restore backup, failure report)
 
-Exit codes: 0 finished (committed, rolled back or dry run), 2 bad input (config, data, models, services),
-3 another run holds the lock.
+Exit codes: 0 finished (committed, rolled back or dry run), 2 bad input before any phase ran (config, options, an
+unwritable root), 3 another run holds the lock, 4 a phase failed (failure report sent, deployed state verified
+unchanged), 5 a phase failed and the deployed state could not be verified (see README, Reliability).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from cli.common import build_parser, locked_and_recovered, run, start
 from core.errors import UserError
-from ops.pipeline import PHASES, RunOptions, run_pipeline
+from ops.pipeline import PHASE_NAMES, RunOptions, run_pipeline
 
 
 def parse_phases(text: str | None) -> list[int] | None:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     dec = data.get("decision") or {}
     print("\nphase                     status   seconds")
     for p in sorted(data.get("phases", []), key=lambda p: p["number"]):
-        name = dict(PHASES).get(p["number"], p["name"])
+        name = PHASE_NAMES.get(p["number"], p["name"])
         print(f"{p['number']:>2} {name:<22} {p['status']:<8} {p.get('seconds') or 0:>8.1f}")
     total = sum(p.get("seconds") or 0 for p in data.get("phases", []))
     print(f"   {'total':<22} {'':<8} {total:>8.1f}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -215,6 +216,9 @@ class PipelineCfg(_Strict):
     gate: GateCfg = Field(default_factory=GateCfg)
     keep_backups: Annotated[int, Field(ge=1, le=100)] = 5
     min_free_disk_mb: Annotated[int, Field(ge=0)] = 500
+    # a deploy also commits config.json + models/manifest.json in the root's git work tree (run id and scores in the
+    # message; a rollback commits nothing). None (default) = on when the root is a git work tree.
+    git_commit: bool | None = None
 
 
 class Config(_Strict):
@@ -431,7 +435,7 @@ def with_trading(cfg: Config, **changes: Any) -> Config:
 # --------------------------------------------------------------------------------------------------- secrets
 SECRET_NAMES = (
     "MT5_LOGIN", "MT5_PASSWORD", "MT5_SERVER", "MT5_PATH",
-    "HF_TOKEN", "TELEGRAM_TOKEN", "TELEGRAM_CHAT_ID",
+    "HF_TOKEN", "TELEGRAM_TOKEN", "TELEGRAM_CHAT_ID", "MODEL_SIGNING_KEY",
 )
 
 
@@ -449,13 +453,21 @@ def secrets(names: Iterable[str] = SECRET_NAMES) -> dict[str, str]:
     return {n: os.environ[n] for n in names if os.environ.get(n)}
 
 
+_URL_CREDENTIALS = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s'\"]*):(?P<pw>[^@/\s'\"]+)@")
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:PASSWORD@host/db`` -> ``scheme://user:***@host/db`` (every URL in ``url``)."""
+    return _URL_CREDENTIALS.sub(lambda m: f"{m.group('head')}:***@", url)
+
+
 def redact(text: str) -> str:
-    """Replace every secret value that occurs in ``text`` by ``***`` (for logs and reports).
+    """Replace every secret value that occurs in ``text`` by ``***`` (for logs and reports), and the password of
+    every ``scheme://user:password@host`` URL (a ``--storage`` database URL must not reach a report or a log).
 
     Numeric secrets (an MT5 login, a Telegram chat id) are replaced only where they stand alone, never inside a
     longer number (``4242`` must not turn ``0.42421`` into ``0.***1``)."""
-    import re
-
+    text = redact_url(text)
     for value in secrets().values():
         if len(value) < 4:
             continue

@@ -206,6 +206,15 @@ def shap_report(models: Mapping[str, Any], X: np.ndarray, feature_names: Sequenc
         warn_lines.append(f"rank change: {rc['feature']} {rc['prev_rank']} -> {rc['rank']}")
     if prev_note:
         warn_lines.append(prev_note)
+    flag_lines = [  # the report's short list (the weekly report and Telegram show these lines)
+        *([f"LEAKAGE SUSPECT (one feature holds most importance): {', '.join(r['feature'] for r in leak_rows)}"]
+          if leak_rows else []),
+        *([f"near zero in all three models (candidates, not dropped): {', '.join(flags['drop_candidates'])}"]
+          if flags["drop_candidates"] else []),
+        *([f"protected, near zero (kept): {', '.join(flags['protected_near_zero'])}"]
+          if flags["protected_near_zero"] else []),
+        *(f"rank change: {rc}" for rc in rank_changes[:10]),
+    ]
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,7 +238,8 @@ def shap_report(models: Mapping[str, Any], X: np.ndarray, feature_names: Sequenc
         "thresholds": {"near_zero_share": near_zero_share, "leakage_share": leakage_share, "rank_change": rank_change},
         "rank_agreement": agreement,
         "mean_rank_agreement": round(float(np.mean(finite)), 4) if finite else None,
-        "flags": flags, "warnings": warn_lines, "previous": None if previous is None else str(previous),
+        "flags": flags, "flag_lines": flag_lines, "warnings": warn_lines,
+        "previous": None if previous is None else str(previous),
         "seconds": seconds, "features": features,
         "files": {"csv": str(out / REPORT_CSV), "json": str(out / REPORT_JSON), "png": str(out / REPORT_PNG)},
     }

@@ -35,8 +35,9 @@ checking every hash against the journal. Without a journal, leftovers of a switc
 are swept. Recovery is itself kill-safe: it only uses the same atomic steps, and the journal stays until the end.
 
 A reader (the live bot) can still observe the short window between the two renames of step 3 (``models/`` missing)
-or between steps 3 and 4 (new models, old config): it should load config + models together and retry once if the
-manifest does not match. The invariant above is about the persistent state.
+or between steps 3 and 4 (new models, old config): readers use :func:`ml.models.bundle.load_deployed`, which reads
+config + models together, accepts the pair only when no journal exists and neither changed during the read, and
+retries once. The invariant above is about the persistent state.
 
 Crash injection for tests: ``OPS_DEPLOY_CRASH_AT=<point>[#k]`` makes the process SIGKILL itself at that point (see
 :data:`CRASH_POINTS`). This is a test hook on a real process, not a mock; production never sets it.
@@ -51,15 +52,21 @@ import os
 import re
 import shutil
 import signal
+import stat
+import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.errors import UserError
 from core.io import atomic_write_bytes, fsync_dir, fsync_tree, hash_dir, sha256_file, tmp_glob
 from core.paths import Paths
+
+if TYPE_CHECKING:
+    from ops.hub import Registry
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,7 @@ CRASH_POINTS = (
     "after_cleanup",  # everything removed
     "rollback_decided",  # recovery wrote 'rolling_back'
     "rollback_applied",  # old set back in place, journal still there
+    "after_push",  # apply: the registry holds the new version, nothing switched yet
 )
 JOURNAL_VERSION = 1
 CONFIG_KEY = "config.json"
@@ -417,6 +425,8 @@ def _roll_forward(paths: Paths, j: dict[str, Any]) -> None:
             f"after switching to {j['op']} {j['run_id']} the deployed files do not match the journal "
             f"({_diff(got, new['hashes'])}); journal kept at {paths.journal}"
         )
+    if "meta" in j:  # a deploy by apply(): recorded once, also when recovery completes a killed one
+        _append_history(paths, {**j["meta"], "run_id": j["run_id"], "hashes": new["hashes"]})
     # 5-7
     j = {**j, "state": "done"}
     _write_journal(paths, j)
@@ -528,8 +538,12 @@ def _prepare_staged(paths: Paths, run_id: str, staged_models: Path) -> Path:
     return target
 
 
-def _switch(paths: Paths, run_id: str, staged_models: Path | None, new_config: bytes | None, op: str
-            ) -> dict[str, str]:
+def _switch(paths: Paths, run_id: str, staged_models: Path | None, new_config: bytes | None, op: str,
+            keep_models: bool = False, meta: dict[str, Any] | None = None) -> dict[str, str]:
+    """The journaled switch. ``keep_models``: the new set's models are the deployed ones (a config-only change):
+    they are recorded in the journal as the new models, found in place, and never moved. ``meta``: what
+    :func:`apply` records in the deploy history once the new set is in place (kept in the journal so that a
+    recovery that completes the switch records it too)."""
     if paths.journal.exists():
         raise DeployError(f"{paths.journal} exists: an earlier switch was interrupted; call recover() first")
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -539,6 +553,8 @@ def _switch(paths: Paths, run_id: str, staged_models: Path | None, new_config: b
     if staged is not None:
         fsync_tree(staged)
         new_hashes.update(hash_dir(staged, MODELS_PREFIX))
+    elif keep_models:
+        new_hashes.update(hash_dir(paths.models, MODELS_PREFIX))
     if new_config is not None:
         new_hashes[CONFIG_KEY] = hashlib.sha256(new_config).hexdigest()
     new_hashes = dict(sorted(new_hashes.items()))
@@ -556,13 +572,21 @@ def _switch(paths: Paths, run_id: str, staged_models: Path | None, new_config: b
         "staged": staged_rec.resolve().relative_to(root).as_posix() if staged_rec.resolve().is_relative_to(root)
         else str(staged_rec),
         "old": {"models": old_has_models, "config": old_has_config, "hashes": old_hashes},
-        "new": {"models": staged is not None, "config": new_config is not None, "hashes": new_hashes},
+        "new": {"models": staged is not None or (keep_models and old_has_models), "config": new_config is not None,
+                "hashes": new_hashes},
+        **({"meta": meta} if meta is not None else {}),
     }
     n = _names(paths, j)
     if new_config is not None:
         atomic_write_bytes(n.new_config, new_config)
     if old_has_config:
         atomic_write_bytes(n.old_config, paths.config.read_bytes())
+        # both copies get the deployed file's mode before either is renamed onto config.json: a switch (or its
+        # rollback) never changes who may read the config (e.g. 0644 for the bot's user)
+        mode = stat.S_IMODE(os.stat(paths.config).st_mode)
+        for p in (n.new_config, n.old_config):
+            if p.is_file():
+                os.chmod(p, mode)
     _crash_point("before_journal")
     _write_journal(paths, j)
     _crash_point("after_journal")
@@ -635,3 +659,155 @@ def restore(paths: Paths, backup: Backup) -> None:
     if not verify(paths, backup.hashes):
         raise DeployError(f"after restoring {backup.path} the deployed files do not match its hashes.json "
                           f"({_diff(hash_state(paths), backup.hashes)})")
+
+
+# --------------------------------------------------------------------------------------------------- apply
+HISTORY = "deploy_history.jsonl"
+GIT_FILES = ("config.json", "models/manifest.json")
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """What :func:`apply` did: the new state's hashes and one line each for the backup, the registry and git."""
+
+    run_id: str
+    hashes: dict[str, str]
+    backup: Backup
+    registry: str
+    git: str
+
+
+def _scores_text(scores: Mapping[str, Any]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else "none" if v is None else str(v)
+
+    return ", ".join(f"{k} {fmt(v)}" for k, v in scores.items()) or "none"
+
+
+def message(run_id: str, reason: str, scores: Mapping[str, Any], details: str = "") -> str:
+    """The registry / git message of a deploy: the reason as title, then the run id, the scores and the details."""
+    return f"{reason}\n\nrun {run_id}; scores: {_scores_text(scores)}" + (f"\n\n{details}" if details else "")
+
+
+def apply(paths: Paths, run_id: str, staged_models: Path | None, new_config: str | bytes | None, *, reason: str,
+          scores: Mapping[str, Any], registry: Registry, details: str = "", git_commit: bool | None = None,
+          extra_files: Mapping[str, Path] | None = None, keep_backups: int | None = None) -> Deployed:
+    """THE way to change the deployed state (the weekly commit, the retrain scripts, ``sweep --apply``).
+
+    ``staged_models=None`` keeps the deployed models, ``new_config=None`` the deployed config.json (a retrain changes
+    only models, a sweep only the config). In this order, each step durable before the next:
+
+    1. a backup of the deployed state under ``backups/<run_id>/`` (idempotent: a resumed run keeps its first one);
+    2. a registry version of the NEW set (models/, config.json, manifest.json and ``extra_files``) tagged ``run_id``,
+       unless that tag exists already (a resumed run): the registry's history then always holds what is deployed.
+       A :class:`ops.hub.HubError` here leaves the deployed state untouched;
+    3. the journaled atomic switch (:func:`commit`; :func:`recover` completes or undoes it after a kill);
+    4. one line in ``deploy_history.jsonl`` (what was deployed, why, the scores, the registry version), written by
+       the switch once the new set is in place, so a switch that recovery completes after a kill is recorded too;
+    5. with ``git_commit`` (None = when the root is a git work tree) a git commit of config.json and
+       models/manifest.json with the run id and the scores in the message (a failure there is reported, the deploy
+       stands: it is already in the registry);
+    6. with ``keep_backups``, all but that many newest backups are pruned.
+
+    The caller holds the run lock and has called :func:`recover` (a pending journal is refused).
+    """
+    _check_run_id(run_id)
+    if paths.journal.exists():
+        raise DeployError(f"{paths.journal} exists: an earlier switch was interrupted; call recover() first")
+    b = backup(paths, run_id)
+    config = new_config.encode("utf-8") if isinstance(new_config, str) else new_config
+    if config is None and paths.config.is_file():
+        config = paths.config.read_bytes()
+    models_src = Path(staged_models) if staged_models is not None else paths.models
+    text = message(run_id, reason, scores, details)
+    if run_id in registry.tags():
+        hub = f"tag {run_id} already in {registry.describe()} (resumed commit)"
+    else:
+        push = paths.staging / f".push-{run_id}"
+        _rmtree(push)
+        if models_src.is_dir():
+            shutil.copytree(models_src, push / "models")
+            if (models_src / "manifest.json").is_file():
+                shutil.copy2(models_src / "manifest.json", push / "manifest.json")
+        push.mkdir(parents=True, exist_ok=True)
+        if config is not None:
+            (push / CONFIG_KEY).write_bytes(config)
+        for name, src in (extra_files or {}).items():
+            shutil.copy2(src, push / name)
+        try:
+            commit_id = registry.push(push, text, run_id)
+        finally:
+            _rmtree(push)
+        hub = f"pushed {commit_id} to {registry.describe()} with tag {run_id}"
+    _crash_point("after_push")
+    meta = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "reason": reason,
+            "scores": json.loads(json.dumps(dict(scores), default=str)), "registry": hub, "backup": str(b.path)}
+    hashes = _switch(paths, run_id, staged_models, config, "apply", keep_models=staged_models is None, meta=meta)
+    git = record_in_git(paths, text, git_commit)
+    if keep_backups is not None:
+        prune_backups(paths, keep_backups)
+    return Deployed(run_id, hashes, b, hub, git)
+
+
+def _append_history(paths: Paths, entry: dict[str, Any]) -> None:
+    """One JSON line per deploy, appended and fsynced (a torn last line from a kill is skipped by readers); a
+    recovery that redoes the step after a kill does not write it twice."""
+    if any(h.get("run_id") == entry["run_id"] and h.get("hashes") == entry["hashes"] for h in history(paths)):
+        return
+    with open(paths.root / HISTORY, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def history(paths: Paths) -> list[dict[str, Any]]:
+    """The deploys recorded by :func:`apply`, oldest first."""
+    p = paths.root / HISTORY
+    out = []
+    for line in p.read_text(encoding="utf-8").splitlines() if p.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- git
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def in_git_work_tree(root: Path) -> bool:
+    """True when ``root`` lies inside a git work tree (the default of ``pipeline.git_commit``)."""
+    try:
+        r = _git(root, "rev-parse", "--is-inside-work-tree")
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return r.returncode == 0 and r.stdout.strip() == "true"
+
+
+def record_in_git(paths: Paths, message: str, enabled: bool | None) -> str:
+    """Commit config.json and models/manifest.json (only those: other staged changes are left alone) in the git work
+    tree holding the root; one line saying what happened. Nothing to commit (already recorded) is not an error."""
+    if enabled is False:
+        return "off (pipeline.git_commit is false)"
+    if not in_git_work_tree(paths.root):
+        if enabled:
+            log.warning("pipeline.git_commit is on but %s is not a git work tree: nothing committed", paths.root)
+        return "off (not a git work tree)"
+    files = [f for f in GIT_FILES if (paths.root / f).is_file()]
+    ident: list[str] = []
+    if not _git(paths.root, "config", "user.email").stdout.strip():
+        ident = ["-c", "user.name=weekly-optimizer", "-c", "user.email=weekly-optimizer@localhost"]
+    steps = (["add", "-f", "--", *files], [*ident, "commit", "-q", "-m", message, "--only", "--", *files])
+    if _git(paths.root, "diff", "--quiet", "HEAD", "--", *files).returncode == 0 and \
+            _git(paths.root, "ls-files", "--error-unmatch", "--", *files).returncode == 0:
+        return "git: config.json and the manifest are already committed"
+    for args in steps:
+        r = _git(paths.root, *args)
+        if r.returncode != 0:
+            err = (r.stderr or r.stdout).strip().splitlines()
+            log.warning("git %s failed: %s", args[len(ident)], err[-1] if err else r.returncode)
+            return f"git commit failed: {err[-1] if err else r.returncode}"
+    sha = _git(paths.root, "rev-parse", "--short", "HEAD").stdout.strip()
+    return f"git commit {sha} ({', '.join(files)})"

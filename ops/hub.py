@@ -61,10 +61,19 @@ def _check_tag(tag: str) -> None:
 
 
 def _files_of(folder: Path) -> dict[str, Path]:
-    """Relative posix path -> file, for every file below ``folder``; :class:`HubError` if it is not a folder."""
+    """Relative posix path -> file, for every file below ``folder``; :class:`HubError` if it is not a folder or if
+    it holds a secret (the model signing key, a ``.env``): those never leave the machine, whatever the caller built.
+    """
+    from ml.models.manifest import KEY_FILE
+
     if not folder.is_dir():
         raise HubError(f"cannot push {folder}: not a directory")
-    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+    files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+    secret = [rel for rel, p in files.items() if p.name in (KEY_FILE, ".env")]
+    if secret:
+        raise HubError(f"refusing to push {folder}: it holds {secret[0]} (the model signing key or secrets never "
+                       f"leave the machine)")
+    return files
 
 
 def _prepare_dest(dest: Path) -> Path:

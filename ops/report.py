@@ -159,6 +159,23 @@ def render_markdown(d: dict[str, Any]) -> str:
         for k, v in models.items():
             lines.append(f"| {k} | `{str(v)[:16]}` |")
         lines.append("")
+    live = d.get("live")
+    if live:
+        lines.append(f"## Since the last deploy (live bot, set `{live['set']}`)\n")
+        lines.append("| bot | from | to | bars | trades | net profit | return % | win rate | parity checks | "
+                     "mismatches |\n|---|---|---|---|---|---|---|---|---|---|")
+        for b in live["bots"]:
+            lines.append(f"| {b['bot']} | {b['from']} | {b['to']} | {b['bars']} | {b['trades']} | "
+                         f"{_fmt(b['net_profit'], 2)} | {_fmt(b['return_pct'], 2)} | {_fmt(b['win_rate'], 3)} | "
+                         f"{b['parity_checks']} | {b['parity_mismatches']} |")
+        pm = (live.get("promised") or {}).get("metrics")
+        if pm:
+            lines.append(f"\nIts backtest promised (run {live['promised']['run_id']}, full OOS): "
+                         f"return {_fmt(pm.get('return_pct'), 2)} %, max DD {_fmt(pm.get('max_drawdown_pct'), 2)} %, "
+                         f"{pm.get('trades')} trades.")
+        for b in live["bots"]:
+            lines.extend(f"- parity mismatch ({b['bot']}) {m}" for m in b["mismatch_lines"])
+        lines.append("")
     if d.get("notes"):
         lines.append("## Notes\n")
         lines.extend(f"- {n}" for n in d["notes"])

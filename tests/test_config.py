@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_data_validate import run_refresh
 
 from core.config import (
     Bounds,
@@ -29,16 +30,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 def raw_default() -> dict:
     return json.loads(config_to_json(default_config()))
-
-
-def run_refresh(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "refresh_data.py"), "--root", str(root), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.fixture

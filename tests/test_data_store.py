@@ -18,8 +18,6 @@ from core.paths import Paths, remove_stale_temp_files
 from market.data import load_candles, refresh
 from market.data.store import read_store, store_path
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def _store(root: Path) -> pd.DataFrame:
     cfg = load_config(root / "config.json")
@@ -73,9 +71,13 @@ def test_contradicting_file_is_refused_unless_replace(tmp_root: Path, tmp_path: 
     assert len(line.splitlines()) == 1 and line.startswith(f"error: {bad}: 2024-01-04 05:30 UTC: contradicts")
     assert "close=" in line and "--replace" in line and "1 of 100 overlapping bars differ" in line
     assert snapshot(tmp_root) == before
+    old_bytes = (tmp_root / "data" / "BTCUSD_M15.parquet").read_bytes()
     res = run_refresh(tmp_root, "--data", str(bad), "--replace")
     assert res.returncode == 0, res.stderr
     assert len(_store(tmp_root)) == 100
+    kept = list((tmp_root / "data" / "replaced").glob("BTCUSD_M15.*.parquet"))
+    assert len(kept) == 1 and kept[0].read_bytes() == old_bytes  # even a replace on purpose loses nothing
+    assert f"the previous store is kept as {kept[0]}" in res.stdout
 
 
 def test_parquet_row_count_is_checked_from_metadata(tmp_root: Path, tmp_path: Path) -> None:
@@ -94,21 +96,13 @@ def test_parquet_row_count_is_checked_from_metadata(tmp_root: Path, tmp_path: Pa
     assert not list((tmp_root / "data").iterdir())
 
 
-def test_refresh_takes_the_root_lock(tmp_root: Path, tmp_path: Path, snapshot) -> None:
-    code = (f"import sys, time; sys.path.insert(0, {str(REPO)!r})\n"
-            "from core.paths import Paths\nfrom ops.lock import run_lock\n"
-            f"with run_lock(Paths.of({str(tmp_root)!r})):\n    print('locked', flush=True)\n    time.sleep(60)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        before = snapshot(tmp_root)
-        res = run_refresh(tmp_root, "--data", str(write_csv(good_frame(), tmp_path / "a.csv")))
-        assert res.returncode == 3, res.stderr
-        assert str(holder.pid) in res.stderr and len(res.stderr.strip().splitlines()) == 1
-        assert snapshot(tmp_root) == before
-    finally:
-        holder.kill()
-        holder.wait()
+def test_refresh_takes_the_root_lock(tmp_root: Path, tmp_path: Path, snapshot, lock_holder) -> None:
+    holder = lock_holder(tmp_root)
+    before = snapshot(tmp_root)
+    res = run_refresh(tmp_root, "--data", str(write_csv(good_frame(), tmp_path / "a.csv")))
+    assert res.returncode == 3, res.stderr
+    assert str(holder.pid) in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert snapshot(tmp_root) == before
 
 
 def test_temp_files_of_a_killed_write_are_removed_at_the_next_start(tmp_root: Path, tmp_path: Path) -> None:

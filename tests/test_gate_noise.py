@@ -7,11 +7,15 @@ and gate on real backtests of rule-based signals; the whole job with trained mod
   default gate commits in at most 1 of 6 weeks (measured: 0 of 6); the seed-only gate's rate is printed (measured:
   1 of 6 here; 8 of 12 with 12,000 bars per week in the simulation behind the README's defaults). PBO of the sweep
   averages near 0.5 (bound: 0.2-0.8 over 6 draws, measured 0.57; a single draw varies widely, 0.33-0.81 here).
+* The whole job once on noise (zero costs, default gate): it rolls back, refused by the evidence (~45 s CPU).
 * Planted edge (the demo's momentum component, made stronger: 0.12 instead of 0.04, shipped costs): the default gate
   commits in each of 3 seeds against a deployed set that trades the wrong way, and on a first run.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,3 +65,32 @@ def test_default_gate_commits_a_planted_edge(seed: int, champion: tuple[int, flo
     assert w["default"].passed, w["default"].reason
     assert ev["direction"]["ci95"][0] > 0.5  # the signal knows the direction
     assert ev["dsr"]["dsr"] >= 0.5 and ev["pbo"]["pbo"] <= 0.5
+
+
+def test_whole_job_on_noise_with_the_default_gate_rolls_back(tmp_path: Path) -> None:
+    """The one whole-job case: the real weekly job (2 + 2 trials, the 864-point sweep, 3 OOS weeks) on 12,000 bars of
+    noise with zero costs and the default gate: it must not commit, and the report says which evidence refused it."""
+    from test_pipeline import run_job, small_config
+
+    root = tmp_path / "root"
+    root.mkdir()
+    raw = json.loads(small_config())
+    raw["pipeline"]["gate"]["mode"] = "default"
+    raw["costs"].update({"commission_per_lot": 0.0, "slippage_points": 0.0, "default_spread_points": 0.0})
+    for prof in raw["profiles"].values():
+        prof["min_score"] = 0.0
+    (root / "config.json").write_text(json.dumps(raw, indent=2))
+    candles = noise_candles(12_000, 41)
+    csv = tmp_path / "noise.csv"
+    candles.rename_axis("timestamp").reset_index().to_csv(csv, index=False)
+    r = run_job(root, "--data", str(csv), demo=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads(next((root / "results").glob("*/report.json")).read_text())
+    assert rep["decision"]["action"] == "rollback" and rep["gate"]["mode"] == "default"
+    failed = rep["gate"]["failed"]
+    assert failed and set(failed) <= {"dsr", "pbo", "holdout"}, failed  # the evidence refused it, not the floors
+    assert all(next(c["rule"] for c in rep["gate"]["conditions"] if c["name"] == f) in rep["decision"]["reason"]
+               for f in failed)
+    ev = rep["evidence"]
+    assert ev["dsr"]["n_trials"] == 864 + ev["dsr"]["n_optuna_trials"] and ev["pbo"]["ok"]
+    assert not (root / "models").exists() or not any((root / "models").iterdir())  # nothing deployed

@@ -29,6 +29,8 @@ from ml.models.manifest import (
     read_manifest,
     require,
     save_model,
+    sign_manifest,
+    signing_key,
     verify,
 )
 from ml.models.position import PositionModel
@@ -102,9 +104,9 @@ def test_save_writes_file_and_manifest_atomically(tmp_path: Path, signal_models:
     loaded = load_model(folder, "signal_xgb", NAMES)
     assert np.array_equal(loaded.predict_proba(X), signal_models["xgb"].predict_proba(X))
 
-    # a failed save (unpicklable object) changes nothing: the dump happens before any file is touched
+    # a failed save (not a model) changes nothing: the encoding happens before any file is touched
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    with pytest.raises(Exception):  # noqa: B017 - pickling error type varies
+    with pytest.raises(TypeError, match="cannot save a function"):
         save_model(folder, "signal_rf", lambda: 0, feature_names=NAMES, train_range={}, data_hash="", params={},
                    seed=1, metrics={}, kind="x")
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
@@ -128,6 +130,15 @@ def test_each_failure_has_its_own_message(tmp_path: Path, signal_models: dict) -
     msgs["order"] = _messages(lambda: load_model(folder, "signal_rf", swapped))
     assert "different order" in msgs["order"] and "column 0" in msgs["order"]
 
+    sig = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**sig, "signature": {**sig["signature"], "hmac": "0" * 64}}))
+    msgs["bad_signature"] = _messages(lambda: verify(folder))
+    assert "signature does not match its content" in msgs["bad_signature"]
+    (folder / "manifest.json").write_text(json.dumps({k: v for k, v in sig.items() if k != "signature"}))
+    msgs["unsigned"] = _messages(lambda: verify(folder))
+    assert "is not signed" in msgs["unsigned"] and "sign_models.py" in msgs["unsigned"]
+    (folder / "manifest.json").write_text(json.dumps(sig))
+
     path = folder / FILES["signal_lgb"]
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -137,7 +148,7 @@ def test_each_failure_has_its_own_message(tmp_path: Path, signal_models: dict) -
 
     path.unlink()
     msgs["missing_file"] = _messages(lambda: load_model(folder, "signal_lgb", NAMES))
-    assert "signal_lgb.joblib missing" in msgs["missing_file"]
+    assert "signal_lgb.zip missing" in msgs["missing_file"]
 
     (folder / "manifest.json").write_text("{not json")
     msgs["bad_json"] = _messages(lambda: read_manifest(folder))
@@ -153,7 +164,7 @@ def test_tampered_pickle_is_rejected_without_being_unpickled(tmp_path: Path, sig
     _save_signal(folder, signal_models)
     marker = tmp_path / "payload_ran"
     evil_file = tmp_path / "evil.joblib"
-    joblib.dump(Evil(marker), evil_file)
+    joblib.dump(Evil(marker), evil_file)  # written by the test only: the positive control below
     (folder / FILES["signal_rf"]).write_bytes(evil_file.read_bytes())
 
     with pytest.raises(ModelError, match="modified"):
@@ -171,7 +182,7 @@ def test_prerequisite_order_is_enforced(tmp_path: Path, signal_models: dict) -> 
     folder = tmp_path / "models"
     msg = _messages(lambda: require(folder, SIGNAL_KEYS, "position model"))
     assert msg.startswith("position model needs the signal models: ")
-    assert "signal_rf.joblib missing; run scripts/retrain_signal.py first" in msg
+    assert "signal_rf.zip missing; run scripts/retrain_signal.py first" in msg
 
     _save_signal(folder, signal_models)
     assert set(require(folder, SIGNAL_KEYS, "position model")) == set(SIGNAL_KEYS)
@@ -199,7 +210,7 @@ def test_copy_set_seeds_staging_and_removes_stale_files(tmp_path: Path, signal_m
     assert read_manifest(dst)["models"]["signal_rf"]["kind"] == "replaced"
     assert read_manifest(dst)["models"]["signal_xgb"] == read_manifest(src)["models"]["signal_xgb"]
     (src / FILES["signal_lgb"]).write_bytes(b"tampered")  # a damaged deployed set is not propagated
-    with pytest.raises(ModelError, match="signal_lgb.joblib was modified"):
+    with pytest.raises(ModelError, match="signal_lgb.zip was modified"):
         copy_set(src, tmp_path / "staging2")
 
 
@@ -244,13 +255,13 @@ def test_bundle_is_a_verified_predictor(tmp_path: Path, signal_models: dict) -> 
         load_bundle(folder, list(reversed(NAMES)))
     # every listed file is checked before anything loads: a bad optional model stops the bundle too
     (folder / FILES["risk"]).write_bytes(b"garbage")
-    with pytest.raises(ModelError, match="risk.joblib was modified"):
+    with pytest.raises(ModelError, match="risk.zip was modified"):
         load_bundle(folder, NAMES)
     for key in ("risk", "position", "sl_tp"):
         (folder / FILES[key]).unlink(missing_ok=True)
-    (folder / "manifest.json").write_text(json.dumps(
-        {**read_manifest(folder), "models": {k: v for k, v in read_manifest(folder)["models"].items()
-                                             if k in SIGNAL_KEYS}}))
+    smaller = {**read_manifest(folder), "models": {k: v for k, v in read_manifest(folder)["models"].items()
+                                                   if k in SIGNAL_KEYS}}
+    (folder / "manifest.json").write_text(json.dumps(sign_manifest(smaller, signing_key(folder=folder))))
     minimal = load_bundle(folder, NAMES)  # only the signal models: the optional parts are None
     assert minimal.sltp(X) is None and minimal.exit_model is None and minimal.risk_model is None
 

@@ -101,12 +101,14 @@ def refresh(cfg: Config, paths: Paths, data_path: str | Path | None = None, demo
     never deletes any), while the returned frame is the most recent ``data.history_days`` (what the run uses, so
     ``--quick`` never trims broker history for good). ``data_path`` (a candle file) is merged into the store: new
     bars are added and overlapping bars must have the same prices, else one line and nothing stored; ``replace``
-    (``refresh_data.py --replace``) makes the file the whole store instead. MT5 fetches from the last stored bar and
-    merges (a re-fetched bar corrects the stored one). The demo goes to its own ``_DEMO`` store (regenerated from
-    its seed, so it is simply rewritten) and never touches real history.
+    (``refresh_data.py --replace``) makes the file (or MT5's history) the whole store instead, after keeping a copy
+    of the old store under ``data/replaced/``. MT5 fetches from the last stored bar and merges (a re-fetched bar
+    corrects the stored one); a store holding another feed is not extended by MT5 without ``replace``. The demo
+    goes to its own ``_DEMO`` store (regenerated from its seed, so it is simply rewritten) and never touches real
+    history.
 
     ``cutoff``: a source that ends there (:func:`closed_by`): only bars closed at or before it are read, validated,
-    stored and returned (the walk-forward replay's "as of Sunday S").
+    stored and returned (the walk-forward replay's "as of" Sunday S).
     """
     kind = "file" if data_path is not None else "demo" if demo else resolve_source(cfg)
     max_rows = cfg.data.max_rows
@@ -124,12 +126,13 @@ def refresh(cfg: Config, paths: Paths, data_path: str | Path | None = None, demo
         path = Path(data_path) if data_path is not None else _config_file(cfg, paths)
         incoming, file_report = validate(closed_by(read_file(path, cfg), cutoff), cfg, str(path))
         old = None if replace else store.read_store(target, max_rows)
-        if replace and target.exists():
-            log.warning("--replace: %s is replaced by %s", target, path)
         merged, new_bars = store.merge_file(old, incoming, str(path), str(target))
         name = str(path) if old is None else f"{target} + {path}"
         full, report = validate(merged, cfg, name) if old is not None else (merged, file_report)
         warnings = list(dict.fromkeys(file_report.warnings + report.warnings))
+        if replace and (aside := store.set_aside(target)) is not None:
+            warnings.append(f"--replace: the previous store is kept as {aside}")
+            log.warning("--replace: %s replaced by %s; the previous store is kept as %s", target, path, aside)
         report = dataclasses.replace(report, duplicates_dropped=file_report.duplicates_dropped, warnings=warnings)
         if new_bars or old is None:
             store.write_store(target, full, cfg.symbol)
@@ -139,14 +142,19 @@ def refresh(cfg: Config, paths: Paths, data_path: str | Path | None = None, demo
 
     from market.data import mt5  # only here: the bridge client is not needed for files and the demo
 
-    old = store.read_store(target, max_rows)
+    old = None if replace else store.read_store(target, max_rows)
     if old is not None and not str(old.attrs.get("source", "")).startswith(f"mt5 {cfg.symbol} "):
-        log.warning("store %s holds %s: replacing it with MT5 history", target, old.attrs.get("source"))
-        old = None
+        # Another feed (an imported file): MT5 bars appended to it would make a series no market traded, and
+        # dropping it would lose history. The user decides (the replaced store is kept under data/replaced/).
+        raise UserError(f"{target}: holds {old.attrs.get('source')}, not MT5 history of {cfg.symbol}: MT5 bars are "
+                        "not mixed into another feed; run scripts/refresh_data.py --replace to start the store from "
+                        "MT5 (the current store is kept under data/replaced/)")
     if old is not None and len(old):
         validate(old, cfg, str(target))  # a damaged store must not be extended
     since = old.index[-1] if old is not None and len(old) else None
     fetched = mt5.fetch(cfg, since=since)
+    if replace and (aside := store.set_aside(target)) is not None:
+        log.warning("--replace: %s replaced by MT5 history; the previous store is kept as %s", target, aside)
     merged = store.merge(old, fetched.frame)
     full, report = validate(merged, cfg, fetched.frame.attrs["source"])
     new_bars = len(fetched.frame) if old is None else int((~fetched.frame.index.isin(old.index)).sum())

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from core.config import Config
 from core.errors import UserError
-from core.io import atomic_write
+from core.io import atomic_write, copy_file_atomic
 from core.paths import Paths
 from market.data.sources import COLUMNS, PRICE_COLUMNS, check_parquet_rows
 
@@ -137,3 +137,14 @@ def merge_file(old: pd.DataFrame | None, new: pd.DataFrame, name: str, store_nam
     out.attrs = dict(old.attrs)
     out.attrs["line_base"] = None
     return out, len(added)
+
+
+def set_aside(path: Path) -> Path | None:
+    """Keep a copy of the store at ``path`` under ``data/replaced/<name>.<UTC stamp>.parquet`` before it is replaced
+    on purpose (``refresh_data.py --replace``): even an explicit replace loses nothing. None when there is no store."""
+    if not path.exists():
+        return None
+    stamp = pd.Timestamp.now(tz="UTC").strftime("%Y%m%dT%H%M%S%fZ")
+    dest = path.parent / "replaced" / f"{path.stem}.{stamp}{path.suffix}"
+    copy_file_atomic(path, dest)
+    return dest
