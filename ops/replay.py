@@ -51,6 +51,7 @@ import pandas as pd
 from core.config import Config, config_to_json, load_config, parse_config
 from core.errors import UserError
 from core.paths import Paths
+from ml.models.manifest import signing_key
 
 log = logging.getLogger("replay")
 
@@ -422,6 +423,10 @@ class Replay:
             tmp.write_text(json.dumps({"id": replay_id, "options": opts.to_dict(), "gate_mode": self.gate_mode,
                                        "created": pd.Timestamp.now("UTC").isoformat()}, indent=2))
             os.replace(tmp, spec_path)
+        # One signing key for everything this replay saves and loads: its root's sets, the copies under sets/ and
+        # the local workers' scratch roots under work/ all lie below self.dir, where the key file is looked for first
+        # (ml.models.manifest.key_root). Remote Dask workers need MODEL_SIGNING_KEY in their environment instead.
+        signing_key(self.dir, create=True)
         self.paths = Paths.of(self.dir / "root")
         self.sets = SetStore(self.dir / "sets")
         (self.dir / "weeks").mkdir(exist_ok=True)
