@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 
 import joblib
-import lightgbm as lgb
 import numpy as np
 import pytest
+from _toy_models import toy_models
 
-from backtest.policy import ACCOUNT_STATE_FEATURES, POSITION_STATE_FEATURES
 from backtest.predictor import Predictor
 from backtest.trees import predict_batch
 from core.io import parse_tmp_name
@@ -33,10 +32,7 @@ from ml.models.manifest import (
     signing_key,
     verify,
 )
-from ml.models.position import PositionModel
-from ml.models.risk import RiskModel
 from ml.models.signal import calibrate_models, ensemble_proba, fit_signal_models, p_long_short
-from ml.models.sltp import SltpModel
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = [f"f{i}" for i in range(6)]
@@ -214,24 +210,12 @@ def test_copy_set_seeds_staging_and_removes_stale_files(tmp_path: Path, signal_m
         copy_set(src, tmp_path / "staging2")
 
 
-def _booster(X: np.ndarray, y: np.ndarray, objective: str) -> lgb.Booster:
-    params = {"objective": objective, "num_leaves": 4, "min_data_in_leaf": 5, "verbose": -1, "seed": 1,
-              "deterministic": True, "force_row_wise": True, "num_threads": 1}
-    return lgb.train(params, lgb.Dataset(X, y), num_boost_round=10)
-
-
 def test_bundle_is_a_verified_predictor(tmp_path: Path, signal_models: dict) -> None:
     folder = tmp_path / "models"
     _save_signal(folder, signal_models)
     rng = np.random.default_rng(3)
     market = ["f1", "f3"]
-    Xp = rng.standard_normal((300, len(POSITION_STATE_FEATURES) + len(market)))
-    pos = PositionModel(booster=_booster(Xp, (Xp[:, 0] > 0).astype(float), "binary"), market_features=market)
-    Xr = rng.standard_normal((300, len(ACCOUNT_STATE_FEATURES)))
-    risk = RiskModel(booster=_booster(Xr, 1 + 0.1 * Xr[:, 0], "regression"), mult_min=0.25, mult_max=1.5)
-    Xs = rng.standard_normal((300, len(NAMES)))
-    sltp = SltpModel(sl_booster=_booster(Xs, 1.5 + 0.1 * Xs[:, 0], "regression"),
-                     tp_booster=_booster(Xs, 2.0 + 0.1 * Xs[:, 1], "regression"), feature_names=NAMES)
+    pos, Xp, risk, Xr, sltp = toy_models(rng, NAMES, market, risk_min=0.25)
     meta = {"train_range": {}, "data_hash": "", "params": {}, "seed": 1, "metrics": {}}
     save_model(folder, "position", pos, feature_names=pos.feature_names, kind="position", **meta)
     save_model(folder, "risk", risk, feature_names=risk.feature_names, kind="risk", **meta)

@@ -20,14 +20,13 @@ import zipfile
 from pathlib import Path
 
 import joblib
-import lightgbm as lgb
 import numpy as np
 import pandas as pd
 import pytest
 import skops.io as sio
 from _candles import REAL_BTC, REPO
+from _toy_models import toy_models
 
-from backtest.policy import ACCOUNT_STATE_FEATURES, POSITION_STATE_FEATURES
 from backtest.trees import predict_batch
 from core.config import config_to_json, default_config
 from core.paths import Paths
@@ -47,10 +46,7 @@ from ml.models.manifest import (
     signing_key,
     verify,
 )
-from ml.models.position import PositionModel
-from ml.models.risk import RiskModel
 from ml.models.signal import calibrate_models, ensemble_proba, fit_signal_models, p_long_short
-from ml.models.sltp import SltpModel
 
 TINY = {"rf": {"n_estimators": 8, "max_depth": 4},
         "xgb": {"n_estimators": 15, "max_depth": 2},
@@ -69,12 +65,6 @@ class Evil:
         return (os.mkdir, (str(self.marker),))
 
 
-def _booster(X: np.ndarray, y: np.ndarray, objective: str) -> lgb.Booster:
-    params = {"objective": objective, "num_leaves": 4, "min_data_in_leaf": 5, "verbose": -1, "seed": 1,
-              "deterministic": True, "force_row_wise": True, "num_threads": 1}
-    return lgb.train(params, lgb.Dataset(X, y), num_boost_round=10)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A root with config.json (2 OOS weeks), a small real candle file and a complete signed set (tiny models on the
@@ -91,14 +81,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     y = np.digitize(X[:, 0] + 0.5 * rng.standard_normal(1500), [-0.5, 0.5]).astype(np.int64)
     signal = calibrate_models(fit_signal_models(X[:900], y[:900], TINY, seed=1), X[900:], y[900:])
     market = names[:3]
-    Xp = rng.standard_normal((300, len(POSITION_STATE_FEATURES) + len(market)))
-    pos = PositionModel(booster=_booster(Xp, (Xp[:, 0] > 0).astype(float), "binary"), market_features=market,
-                        params={"num_leaves": 4}, seed=1, info={"rounds": 10, "nan_metric": float("nan")})
-    Xr = rng.standard_normal((300, len(ACCOUNT_STATE_FEATURES)))
-    risk = RiskModel(booster=_booster(Xr, 1 + 0.1 * Xr[:, 0], "regression"), mult_min=0.5, mult_max=1.5)
-    Xs = rng.standard_normal((300, len(names)))
-    sltp = SltpModel(sl_booster=_booster(Xs, 1.5 + 0.1 * Xs[:, 0], "regression"),
-                     tp_booster=_booster(Xs, 2.0 + 0.1 * Xs[:, 1], "regression"), feature_names=names)
+    pos, Xp, risk, Xr, sltp = toy_models(rng, names, market, risk_min=0.5, params={"num_leaves": 4}, seed=1,
+                                         info={"rounds": 10, "nan_metric": float("nan")})
     meta = {"train_range": {}, "data_hash": "", "params": {}, "seed": 1, "metrics": {}}
     for k, m in signal.items():
         save_model(root / "models", f"signal_{k}", m, feature_names=names, kind=f"signal_{k}", **meta)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from backtest.predictor import CompiledModels
 from ml.models.manifest import (
     FILES,
     MANIFEST,
@@ -45,7 +46,7 @@ _FEATURE_CHECKED = (*SIGNAL_KEYS, "sl_tp")  # models fed the full feature matrix
 
 
 @dataclass
-class ModelBundle:
+class ModelBundle(CompiledModels):
     """Loaded, verified models of one folder. Implements the backtester's Predictor protocol."""
 
     folder: Path
@@ -83,16 +84,6 @@ class ModelBundle:
         if out.ndim != 2 or out.shape[1] != 2:
             raise ModelError(f"sl_tp model returned shape {out.shape}, expected (n, 2)")
         return out
-
-    @property
-    def exit_model(self) -> tuple[Any, np.ndarray] | None:
-        """(CompiledTrees, int64 indices of the position model's market features in ``feature_names``) or None."""
-        return self._exit_model
-
-    @property
-    def risk_model(self) -> Any | None:
-        """CompiledTrees of the risk model, or None."""
-        return self._risk_model
 
     # ------------------------------------------------------------------------------------ reports
     def describe(self) -> dict[str, Any]:
