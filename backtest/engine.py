@@ -22,16 +22,17 @@ import numpy as np
 import pandas as pd
 
 from backtest import metrics as _metrics
+from backtest import nb as _nb
 from backtest.live import Trader
 from backtest.nb import KernelInputs, KernelOut, PathMemo, new_memo, new_out, run_kernel
 from backtest.policy import (
     EXIT_REASONS,
-    RING,
     TRIP_REASONS,
     VOL_REGIME_BARS,
+    Account,
     Params,
+    State,
     decision_clock,
-    initial_account,
     make_params,
     vol_regime_series,
 )
@@ -174,10 +175,10 @@ class MarketArrays:
                             self.vol_regime, self.exit_trees, self.risk_trees, bool(self.use_sltp),
                             bool(self.use_exit), bool(self.use_risk))
 
-    def paths(self, p: Params, end: int) -> PathMemo:
+    def paths(self, p: Params, end: int, close_at_end: bool = True) -> PathMemo:
         """Memoised position paths valid for ``p`` (see ``backtest/nb.py``), LRU-bounded."""
         key = (p.sl_multiplier, p.tp_multiplier, p.exit_threshold, p.max_holding_bars, p.fixed_sl_atr,
-               p.fixed_tp_atr, p.slippage_points, p.point, end)
+               p.fixed_tp_atr, p.slippage_points, p.point, end, close_at_end)
         got = self._paths.get(key)
         if got is None:
             got = new_memo(self.n)
@@ -263,6 +264,7 @@ class FastRun:
     trip_bar: np.ndarray
     trip_code: np.ndarray
     skipped_size: int
+    final_state: State | None = None  # the trading state after bar end - 1 (continue a run from it)
 
     @property
     def n_trades(self) -> int:
@@ -293,28 +295,76 @@ class FastRun:
                               predictor=arrays.predictor, params=self.params)
 
 
+def state_to_carry(state: State) -> np.ndarray:
+    """The open position and pending order of a :class:`State` as the kernel's carry vector (``backtest.nb.C_*``;
+    the account and the rings travel separately)."""
+    c = _nb.flat_carry()
+    c[_nb.C_SIDE], c[_nb.C_SIZE], c[_nb.C_ENTRY], c[_nb.C_STOP] = (state.side, state.size, state.entry_price,
+                                                                   state.stop)
+    c[_nb.C_TARGET], c[_nb.C_SL_DIST], c[_nb.C_ENTRY_BAR] = state.target, state.sl_dist, state.entry_bar
+    c[_nb.C_MULT], c[_nb.C_PENDING_EXIT] = state.risk_mult, state.pending_exit
+    c[_nb.C_PEND_SIDE], c[_nb.C_PEND_SIZE], c[_nb.C_PEND_SL] = (state.pending_side, state.pending_size,
+                                                                state.pending_sl_dist)
+    c[_nb.C_PEND_TP], c[_nb.C_PEND_MULT] = state.pending_tp_dist, state.pending_risk_mult
+    return c
+
+
+def carry_to_state(acc: Account, ring_win: np.ndarray, ring_eq: np.ndarray, c: np.ndarray, *, skipped_size: int,
+                   last_bar: int, entry_time_ns: int) -> State:
+    """The kernel's final account, rings and carry vector back as a :class:`State` (the counters the kernel does
+    not carry are passed in)."""
+    st = State(equity=0.0, peak=0.0, ring_win=[float(x) for x in ring_win], ring_eq=[float(x) for x in ring_eq],
+               skipped_size=int(skipped_size), last_bar=int(last_bar), side=int(c[_nb.C_SIDE]),
+               size=float(c[_nb.C_SIZE]), entry_price=float(c[_nb.C_ENTRY]), stop=float(c[_nb.C_STOP]),
+               target=float(c[_nb.C_TARGET]), sl_dist=float(c[_nb.C_SL_DIST]), entry_bar=int(c[_nb.C_ENTRY_BAR]),
+               entry_time_ns=int(entry_time_ns), risk_mult=float(c[_nb.C_MULT]),
+               pending_exit=int(c[_nb.C_PENDING_EXIT]), pending_side=int(c[_nb.C_PEND_SIDE]),
+               pending_size=float(c[_nb.C_PEND_SIZE]), pending_sl_dist=float(c[_nb.C_PEND_SL]),
+               pending_tp_dist=float(c[_nb.C_PEND_TP]), pending_risk_mult=float(c[_nb.C_PEND_MULT]))
+    st.set_account(acc)
+    return st
+
+
 def run_arrays(arrays: MarketArrays, params: Params, start: int = 0, end: int | None = None, *,
-               memo_paths: bool = True, check: bool = True, copy: bool = True) -> FastRun:
+               memo_paths: bool = True, check: bool = True, copy: bool = True, state: State | None = None,
+               close_at_end: bool = True) -> FastRun:
     """Run the compiled kernel on bar positions ``[start, end)`` of prepared arrays with scalar ``params``.
 
     ``memo_paths`` reuses the position paths of earlier runs with the same path-relevant params (``nb.py``);
     ``check=False`` skips the window validation (callers that validated the window once); ``copy=False`` returns
-    views into the shared output buffers (valid only until the next run on the same ``arrays``: score it first)."""
+    views into the shared output buffers (valid only until the next run on the same ``arrays``: score it first).
+
+    ``state`` starts the run from a saved trading state (equity, peak, breakers, streaks, an open position or an
+    order pending at the next open; its bar numbers are positions in ``arrays``) instead of a fresh account, and
+    ``close_at_end=False`` leaves the last bar as a live bot would (no forced close, a decision at its close):
+    ``run.final_state`` then continues the run, so consecutive windows chained this way equal one long run (the
+    walk-forward replay scores each week of the deployed set like this)."""
     if end is None:
         end = arrays.n
     if check:
         start, end = arrays.window(int(start), int(end))
+    st = state if state is not None else State.initial(params.initial_equity)
+    if st.side != 0 and not 0 <= st.entry_bar < start:
+        raise ValueError(f"state: open position entered at bar {st.entry_bar}, not before the window start {start}")
     out = arrays.workspace()
-    memo = arrays.paths(params, end) if memo_paths else new_memo(arrays.n)
-    n_tr, n_trips, skipped = run_kernel(arrays.kernel_inputs(), params, start, end,
-                                        initial_account(params.initial_equity), np.zeros(RING), np.zeros(RING),
-                                        memo, out)
+    memo = arrays.paths(params, end, close_at_end) if memo_paths else new_memo(arrays.n)
+    ring_win = np.array(st.ring_win, dtype=np.float64)
+    ring_eq = np.array(st.ring_eq, dtype=np.float64)
+    carry = state_to_carry(st)
+    n_tr, n_trips, skipped, acc = run_kernel(arrays.kernel_inputs(), params, start, end, st.account(), ring_win,
+                                             ring_eq, memo, out, carry, bool(close_at_end))
     cp = (lambda a: a.copy()) if copy else (lambda a: a)  # noqa: E731
     rec = out.trades[:n_tr]
     trades = {name: cp(rec[name]) for name in rec.dtype.names}
     trips = out.trips[:n_trips]
+    e_bar = int(carry[_nb.C_ENTRY_BAR])
+    entry_ns = (st.entry_time_ns if e_bar == st.entry_bar and st.side != 0
+                else int(arrays.index[e_bar].value) if e_bar >= 0 else 0)
+    final = carry_to_state(acc, ring_win, ring_eq, carry, skipped_size=st.skipped_size + int(skipped),
+                           last_bar=end - 1, entry_time_ns=entry_ns)
     return FastRun(start=start, end=end, params=params, trades=trades, equity=cp(out.equity[start:end]),
-                   trip_bar=cp(trips["bar"]), trip_code=cp(trips["code"]), skipped_size=int(skipped))
+                   trip_bar=cp(trips["bar"]), trip_code=cp(trips["code"]), skipped_size=int(skipped),
+                   final_state=final)
 
 
 def run_fast(candles: pd.DataFrame, features: pd.DataFrame | None, predictor: Predictor, cfg: Config,

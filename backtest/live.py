@@ -1,10 +1,10 @@
 """The Trader: the trading loop the live bot runs, bar by bar; the step-mode backtest drives the very same object.
 
-At each bar close the Trader (1) computes the features from a bounded window of history with
-``market.features.build_features`` (the one feature code), (2) calls the predictor on that one row, and (3) applies the
-rules of :mod:`backtest.policy` to its :class:`~backtest.policy.State`. The rules are the compiled functions the
-fast kernel calls, so the live loop, the step backtest and the fast backtest cannot disagree about a rule; the
-parity test checks that they agree trade for trade.
+At each bar close the Trader (1) computes the last row of the features from a bounded window of history with
+``market.features.last_row`` (the formulas of ``build_features``, last row only), (2) calls the predictor on that
+one row, and (3) applies the rules of :mod:`backtest.policy` to its :class:`~backtest.policy.State`. The rules are
+the compiled functions the fast kernel calls, so the live loop, the step backtest and the fast backtest cannot
+disagree about a rule; the parity test checks that they agree trade for trade.
 
 Simulated fills: in a backtest the Trader also simulates the broker (fills at the next open with costs, stops and
 targets on high/low, rules R5, R9-R11). A live bot reconciles those events with the broker's reports instead, but
@@ -46,7 +46,7 @@ from backtest.policy import (
 from backtest.predictor import Predictor
 from backtest.trees import CompiledTrees, empty_trees
 from core.config import Config
-from market.features import WARMUP_BARS, build_features
+from market.features import WARMUP_BARS, feature_names, last_row
 
 HISTORY_BARS = WARMUP_BARS + VOL_REGIME_BARS + 16  # features' warm-up + the vol-regime median + margin
 
@@ -104,7 +104,12 @@ class Trader:
         self.state = state if state is not None else State.initial(self.params.initial_equity)
         if predictor is not None:
             self.names = list(predictor.feature_names)
-            self._atr_col = self.names.index("atr")
+            all_names = feature_names(cfg)
+            missing = [n for n in self.names if n not in all_names]
+            if missing:
+                raise ValueError(f"the predictor expects feature columns the feature code does not produce: {missing}")
+            # positions of the predictor's columns in last_row()'s full row (same order in practice)
+            self._cols = np.array([all_names.index(n) for n in self.names], dtype=np.int64)
             exit_model, risk_model = predictor.exit_model, predictor.risk_model
         self.use_exit = exit_model is not None
         self.exit_trees: CompiledTrees = exit_model[0] if exit_model is not None else empty_trees()
@@ -119,25 +124,42 @@ class Trader:
     # ------------------------------------------------------------------------------------------- live entry point
     def step(self, history: pd.DataFrame, bar: int, is_last: bool = False) -> BarReport:
         """Process the bar that just closed: ``history`` ends with it (standard candle frame); only its last
-        :data:`HISTORY_BARS` rows are used, exactly as the live bot does."""
+        :data:`HISTORY_BARS` rows are used, exactly as the live bot does. The features come from
+        :func:`market.features.last_row` (the last row only, equal to ``build_features`` on the window)."""
         if self.predictor is None:
             raise ValueError("Trader.step needs a predictor")
         hist = history.iloc[-HISTORY_BARS:]
-        feats = build_features(hist, self.cfg)
-        F = feats[self.names].to_numpy(np.float32)
-        row = F[-1:]
-        proba = np.asarray(self.predictor.signal_proba(row), dtype=np.float64)
-        sltp = self.predictor.sltp(row)
-        use_sltp = sltp is not None
-        sl_atr, tp_atr = (float(sltp[0, 0]), float(sltp[0, 1])) if use_sltp else (np.nan, np.nan)
-        atr_hist = F[:, self._atr_col].astype(np.float64)
+        row, atr_hist = last_row(hist, self.cfg, atr_tail=VOL_REGIME_BARS)
         last = hist.iloc[-1]
+        return self.step_row(bar, int(hist.index[-1].value), float(last["open"]), float(last["high"]),
+                             float(last["low"]), float(last["close"]), float(last["spread"]), row, atr_hist,
+                             is_last=is_last)
+
+    def predict_row(self, row: np.ndarray) -> dict[str, float | bool]:
+        """The state-independent model outputs for one feature row (``feature_names`` order, float32)."""
+        if self.predictor is None:
+            raise ValueError("Trader.predict_row needs a predictor")
+        X = np.asarray(row, dtype=np.float32)[self._cols].reshape(1, -1)
+        proba = np.asarray(self.predictor.signal_proba(X), dtype=np.float64)
+        sltp = self.predictor.sltp(X)
+        use_sltp = sltp is not None
+        return {"p_long": float(proba[0, 0]), "p_short": float(proba[0, 1]), "use_sltp": use_sltp,
+                "sl_atr": float(sltp[0, 0]) if use_sltp else np.nan,
+                "tp_atr": float(sltp[0, 1]) if use_sltp else np.nan}
+
+    def step_row(self, bar: int, time_ns: int, o: float, h: float, lo: float, c: float, spread: float,
+                 row: np.ndarray, atr_hist: np.ndarray, *, is_last: bool = False,
+                 pred: dict[str, float | bool] | None = None) -> BarReport:
+        """One closed bar from its feature ``row`` and the ATR of the last :data:`VOL_REGIME_BARS` bars (both as
+        :func:`market.features.last_row` returns them): predictor, then :meth:`on_bar`."""
+        pred = pred if pred is not None else self.predict_row(row)
+        atr = np.asarray(atr_hist, dtype=np.float32).astype(np.float64)
+        x = np.asarray(row, dtype=np.float32)[self._cols] if self.predictor is not None else np.asarray(row)
         return self.on_bar(
-            bar, int(hist.index[-1].value), float(last["open"]), float(last["high"]), float(last["low"]),
-            float(last["close"]), float(last["spread"]), p_long=float(proba[0, 0]), p_short=float(proba[0, 1]),
-            sl_atr=sl_atr, tp_atr=tp_atr, use_sltp=use_sltp, atr=float(atr_hist[-1]),
-            exit_market_row=row[0, self.exit_cols].astype(np.float64),
-            vol_regime=float(vol_regime_at(atr_hist, atr_hist.size - 1, VOL_REGIME_BARS)), is_last=is_last,
+            bar, int(time_ns), float(o), float(h), float(lo), float(c), float(spread), p_long=float(pred["p_long"]),
+            p_short=float(pred["p_short"]), sl_atr=float(pred["sl_atr"]), tp_atr=float(pred["tp_atr"]),
+            use_sltp=bool(pred["use_sltp"]), atr=float(atr[-1]), exit_market_row=x[self.exit_cols].astype(np.float64),
+            vol_regime=float(vol_regime_at(atr, atr.size - 1, VOL_REGIME_BARS)), is_last=is_last,
         )
 
     # ------------------------------------------------------------------------------------ rules on one bar's inputs

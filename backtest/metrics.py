@@ -35,7 +35,7 @@ apply in all cases.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,38 +168,230 @@ class Floors:
 
 
 @dataclass(frozen=True)
+class GateRules:
+    """What the gate asks beyond the seed's rule and the floors (``pipeline.gate`` in config.json).
+
+    ``mode = "seed"`` is the seed project's gate (the 2 % rule and the floors only), kept selectable so that the two
+    can be compared (the walk-forward replay does). ``"default"`` adds the four conditions that know how much the run
+    searched: the paired bootstrap, the deflated Sharpe ratio, PBO and the holdout."""
+
+    mode: str = "default"
+    improvement: float = 0.02
+    min_prob_better: float = 0.90
+    min_dsr: float = 0.50
+    max_pbo: float = 0.50
+    holdout_not_worse: bool = True
+
+    @classmethod
+    def seed(cls, improvement: float = 0.02) -> GateRules:
+        return cls(mode="seed", improvement=improvement)
+
+    @classmethod
+    def from_config(cls, pipeline: Any) -> GateRules:
+        """From a ``PipelineCfg`` (``gate_improvement`` + the ``gate`` block)."""
+        g = pipeline.gate
+        return cls(mode=g.mode, improvement=float(pipeline.gate_improvement), min_prob_better=g.min_prob_better,
+                   min_dsr=g.min_dsr, max_pbo=g.max_pbo, holdout_not_worse=g.holdout_not_worse)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One line of "why this decision": the number, the threshold, pass/fail, and what it means for a trader."""
+
+    name: str
+    passed: bool
+    value: float | None
+    threshold: float | None
+    rule: str  # the arithmetic, e.g. "P(better) 0.63 >= 0.90"
+    meaning: str  # the same in a trader's words
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "passed": self.passed, "value": _finite_or_none(self.value),
+                "threshold": _finite_or_none(self.threshold), "rule": self.rule, "meaning": self.meaning}
+
+
+@dataclass(frozen=True)
 class GateDecision:
     passed: bool
     reason: str
     threshold: float | None  # the score the new run had to reach (None: first run, floors only)
+    conditions: tuple[Condition, ...] = ()
+    mode: str = "seed"
+
+    @property
+    def failed(self) -> list[str]:
+        return [c.name for c in self.conditions if not c.passed]
+
+    @property
+    def arithmetic(self) -> str:
+        """Every condition's arithmetic on one line (the report's and the Hub commit message's gate line)."""
+        return "; ".join(f"{c.rule} [{'ok' if c.passed else 'FAIL'}]" for c in self.conditions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "mode": self.mode, "reason": self.reason,
+                "threshold": _finite_or_none(self.threshold), "arithmetic": self.arithmetic,
+                "failed": self.failed, "conditions": [c.to_dict() for c in self.conditions]}
+
+
+def _finite_or_none(v: float | None) -> float | None:
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return int(v)
+    return None if v is None or not math.isfinite(float(v)) else float(v)
 
 
 def _score_of(x: float | Mapping[str, Any]) -> float:
     return float(x["score"]) if isinstance(x, Mapping) else float(x)
 
 
-def gate(new: Mapping[str, Any], baseline: float | Mapping[str, Any] | None, floors: Floors,
-         improvement: float = 0.02) -> GateDecision:
-    """Decide whether the new run may replace the baseline (rules in the module docstring).
+def _one_in(p: float) -> str:
+    """0.25 -> "1 of 4": how often luck alone does this, in words."""
+    if p < 0.0005:
+        return "fewer than 1 of 2000"
+    if p > 0.5:
+        return f"{round(p * 10)} of 10"
+    return f"1 of {max(2, round(1.0 / p))}"
 
-    ``new`` is the new run's metrics (needs ``score``, ``trades``, ``max_drawdown_pct``); ``baseline`` the deployed
-    run's score (or its metrics), or None on the first run. Floors are checked first so the reason names them."""
+
+def _floor_conditions(new: Mapping[str, Any], floors: Floors) -> list[Condition]:
     s_new = _score_of(new)
     trades = int(new["trades"])
     dd = float(new["max_drawdown_pct"])
-    if trades < floors.min_trades:
-        return GateDecision(False, f"floor: {trades} trades < min_trades {floors.min_trades}", None)
-    if dd > floors.max_drawdown_pct:
-        return GateDecision(False, f"floor: max drawdown {dd:.2f}% > {floors.max_drawdown_pct:.2f}%", None)
+    out = [
+        Condition("min_trades", trades >= floors.min_trades, trades, floors.min_trades,
+                  f"floor: {trades} trades {'>=' if trades >= floors.min_trades else '<'} min_trades "
+                  f"{floors.min_trades}",
+                  f"{trades} trades on the out-of-sample window; at least {floors.min_trades} are needed before a "
+                  f"result means anything"),
+        Condition("max_drawdown", dd <= floors.max_drawdown_pct, dd, floors.max_drawdown_pct,
+                  f"floor: max drawdown {dd:.2f}% {'<=' if dd <= floors.max_drawdown_pct else '>'} "
+                  f"{floors.max_drawdown_pct:.2f}%",
+                  f"the worst fall from a peak was {dd:.1f}% of the account; the risk profile allows "
+                  f"{floors.max_drawdown_pct:.0f}%"),
+    ]
     if not math.isfinite(s_new):
-        return GateDecision(False, "new score is not finite", None)
-    if floors.min_score is not None and s_new <= floors.min_score:
-        return GateDecision(False, f"floor: score {s_new:.4f} <= min_score {floors.min_score:g} (a set that loses "
-                                   f"money on the OOS window is never deployed)", None)
-    if baseline is None:
-        return GateDecision(True, f"first run: floors met (score {s_new:.4f})", None)
+        out.append(Condition("min_score", False, None, floors.min_score, "new score is not finite",
+                             "the new set's score could not be computed"))
+    elif floors.min_score is not None:
+        ok = s_new > floors.min_score
+        out.append(Condition(
+            "min_score", ok, s_new, floors.min_score,
+            f"floor: score {s_new:.4f} {'>' if ok else '<='} min_score {floors.min_score:g}"
+            + ("" if ok else " (a set that loses money on the OOS window is never deployed)"),
+            f"return per unit of drawdown {s_new:.2f} on the out-of-sample window; it must be above "
+            f"{floors.min_score:g}" + (" (the set must make money)" if floors.min_score == 0 else "")))
+    return out
+
+
+def _seed_rule(s_new: float, baseline: float | Mapping[str, Any], improvement: float) -> tuple[Condition, float]:
     b = _score_of(baseline)
     thr = b * (1.0 + improvement) if b > 0 else b + improvement * abs(b)
-    if s_new >= thr:
-        return GateDecision(True, f"score {s_new:.4f} >= threshold {thr:.4f} (baseline {b:.4f})", thr)
-    return GateDecision(False, f"score {s_new:.4f} < threshold {thr:.4f} (baseline {b:.4f})", thr)
+    ok = math.isfinite(s_new) and s_new >= thr
+    how = f"baseline {b:.4f} x {1 + improvement:.2f}" if b > 0 else f"baseline {b:.4f} + {improvement} x |{b:.4f}|"
+    arith = f"score {s_new:.4f} {'>=' if ok else '<'} threshold {thr:.4f} = {how}"
+    return Condition("improvement", ok, s_new, thr, arith,
+                     f"the new set's score {s_new:.2f} against the deployed set's {b:.2f} on the same days; it "
+                     f"must be at least {improvement:.0%} better"), thr
+
+
+def _evidence_conditions(ev: Mapping[str, Any] | None, rules: GateRules, first_run: bool) -> list[Condition]:
+    ev = ev or {}
+    out: list[Condition] = []
+
+    def judged(name: str, what: str, thr: float, build: Callable[[float, Mapping[str, Any]], Condition]) -> Condition:
+        """``build(value, evidence)`` when evidence ``what`` was computed and holds the number ``name``; otherwise a
+        failed condition that says why it cannot be judged (missing evidence never lets a set through)."""
+        got = ev.get(what) or {}
+        if got.get("ok") and got.get(name) is not None:
+            return build(float(got[name]), got)
+        why = got.get("reason") or f"no {what} evidence was computed"
+        return Condition(name, False, None, thr, f"{name}: not computable ({why})",
+                         f"cannot be judged: {why}; without it the set is not deployed")
+
+    def prob_better(p: float, pb: Mapping[str, Any]) -> Condition:
+        ok = p >= rules.min_prob_better
+        return Condition(
+            "prob_better", ok, p, rules.min_prob_better,
+            f"P(new beats deployed) {p:.3f} {'>=' if ok else '<'} {rules.min_prob_better:.2f}",
+            f"resampling the {pb.get('n_days')} out-of-sample days in blocks, the new set made more per day "
+            f"than the deployed one in {p:.0%} of {pb.get('resamples')} replays; "
+            f"{rules.min_prob_better:.0%} are needed")
+
+    def dsr(d: float, ds: Mapping[str, Any]) -> Condition:
+        ok = d >= rules.min_dsr
+        return Condition(
+            "dsr", ok, d, rules.min_dsr,
+            f"deflated Sharpe {d:.3f} {'>=' if ok else '<'} {rules.min_dsr:.2f} (N={ds.get('n_trials')})",
+            f"the run tried {ds.get('n_trials')} configurations; the best of that many pure-luck tries would "
+            f"reach an annual Sharpe of about {float(ds.get('sr0_annual', 0.0)):.2f}, the new set has "
+            f"{float(ds.get('sharpe_annual', 0.0)):.2f}: a result this good would come from pure luck in "
+            f"{_one_in(1.0 - d)} searches of this size (confidence {d:.0%}, {rules.min_dsr:.0%} needed)")
+
+    def pbo(v: float, pb: Mapping[str, Any]) -> Condition:
+        ok = v <= rules.max_pbo
+        loss = pb.get("prob_oos_loss")
+        return Condition(
+            "pbo", ok, v, rules.max_pbo,
+            f"PBO {v:.3f} {'<=' if ok else '>'} {rules.max_pbo:.2f} ({pb.get('n_splits')} CSCV splits)",
+            f"when the sweep picks its best setting on half of its days, that setting lands in the worse half "
+            f"on the other half in {v:.0%} of the {pb.get('n_splits')} ways to split them (at most "
+            f"{rules.max_pbo:.0%} allowed)" + (f"; it lost money there in {float(loss):.0%}" if loss is not None
+                                               else ""))
+
+    if not first_run:
+        out.append(judged("prob_better", "paired_full", rules.min_prob_better, prob_better))
+    out.append(judged("dsr", "dsr", rules.min_dsr, dsr))
+    out.append(judged("pbo", "pbo", rules.max_pbo, pbo))
+    if rules.holdout_not_worse:
+        ho = ev.get("holdout") or {}
+        new_h = ho.get("new")
+        base_h = ho.get("baseline")
+        if not new_h or new_h.get("score") is None:
+            out.append(Condition("holdout", False, None, None, "holdout: no result for the new set",
+                                 "the new set has no result on the holdout (the days the sweep never saw)"))
+        elif first_run or not base_h or base_h.get("score") is None:
+            v = float(new_h["score"])
+            ok = v >= 0.0
+            out.append(Condition(
+                "holdout", ok, v, 0.0, f"holdout score {v:.4f} {'>=' if ok else '<'} 0 (first run)",
+                f"on the last days the sweep never saw, the new set returned {float(new_h.get('return_pct', 0)):.2f}%"
+                f" (score {v:.2f}); it must not lose money there"))
+        else:
+            v, b = float(new_h["score"]), float(base_h["score"])
+            ok = v >= b
+            out.append(Condition(
+                "holdout", ok, v, b, f"holdout score {v:.4f} {'>=' if ok else '<'} deployed {b:.4f}",
+                f"on the last days the sweep never saw, the new set returned {float(new_h.get('return_pct', 0)):.2f}%"
+                f" (score {v:.2f}) against the deployed set's {float(base_h.get('return_pct', 0)):.2f}% "
+                f"(score {b:.2f}); it must not be worse"))
+    return out
+
+
+def gate(new: Mapping[str, Any], baseline: float | Mapping[str, Any] | None, floors: Floors,
+         improvement: float = 0.02, *, rules: GateRules | None = None,
+         evidence: Mapping[str, Any] | None = None) -> GateDecision:
+    """Decide whether the new run may replace the baseline (rules in the module docstring).
+
+    ``new`` is the new run's metrics (needs ``score``, ``trades``, ``max_drawdown_pct``); ``baseline`` the deployed
+    run's score (or its metrics), or None on the first run. ``rules`` None = the seed's gate with ``improvement``.
+    Every condition is evaluated (none short-circuits) so that the reason names *every* failed one; a piece of
+    evidence that could not be computed is a failed condition, never a silent pass."""
+    rules = rules or GateRules.seed(improvement)
+    s_new = _score_of(new)
+    conds = _floor_conditions(new, floors)
+    thr = None
+    if baseline is not None:
+        c, thr = _seed_rule(s_new, baseline, rules.improvement)
+        conds.append(c)
+    if rules.mode != "seed":
+        conds.extend(_evidence_conditions(evidence, rules, first_run=baseline is None))
+    failed = [c for c in conds if not c.passed]
+    if failed:
+        reason = "; ".join(c.rule for c in failed)
+    elif baseline is None:
+        extra = "" if rules.mode == "seed" else ", holdout, deflated Sharpe and PBO"
+        reason = f"first run: floors{extra} met (score {s_new:.4f})"
+    else:
+        reason = f"score {s_new:.4f} >= threshold {thr:.4f} (baseline {_score_of(baseline):.4f})"
+        if rules.mode != "seed":
+            reason += "; " + "; ".join(c.rule for c in conds if c.name in ("prob_better", "dsr", "pbo", "holdout"))
+    return GateDecision(not failed, reason, thr, tuple(conds), rules.mode)

@@ -32,7 +32,6 @@ import numpy as np
 from numba import njit
 
 from backtest.policy import (
-    EXIT_END,
     FLAT,
     N_ACC,
     N_POS,
@@ -131,22 +130,43 @@ def new_out(n: int) -> KernelOut:
 def simulate_exit(e: int, side: int, entry: float, stop: float, target: float, open_: np.ndarray,
                   high: np.ndarray, low: np.ndarray, close: np.ndarray, spread: np.ndarray, atr: np.ndarray,
                   exit_X: np.ndarray, exit_trees: CompiledTrees, use_exit: bool, xbuf: np.ndarray, end: int,
-                  p: Params) -> tuple[int, float, int]:
+                  p: Params, b0: int = -1, pending0: int = 0, close_at_end: bool = True) -> tuple[int, float, int]:
     """Walk a position filled at the open of bar ``e`` until it exits: ``(exit_bar, exit_price, reason)``.
     Per bar: :func:`manage_bar` (R9-R11, R13), then at the close :func:`time_exit` and :func:`model_exit` (R12) —
-    the sequence ``Trader.on_bar`` runs."""
-    pending = 0
-    b = e
+    the sequence ``Trader.on_bar`` runs.
+
+    ``b0`` / ``pending0`` continue a position carried in from a saved state (walk from bar ``b0`` with the pending
+    exit decided at the previous close); with ``close_at_end=False`` a position still open after bar ``end - 1``
+    returns ``(end, nan, 0)`` (it stays open, as in a live bot whose week goes on)."""
+    pending = pending0
+    b = e if b0 < 0 else b0
     while b < end:
         reason, px = manage_bar(pending, side, stop, target, open_[b], high[b], low[b], close[b], spread[b],
-                                b == end - 1, p)
+                                close_at_end and b == end - 1, p)
         if reason != 0:
             return b, px, reason
         pending = time_exit(b, e, p)
         if pending == 0 and use_exit:
             pending = model_exit(b, e, side, close[b], entry, stop, target, atr[b], exit_X[b], xbuf, exit_trees, p)
         b += 1
-    return end - 1, np.nan, EXIT_END  # unreachable: manage_bar closes on the last bar
+    return end, np.nan, 0  # still open (only reachable with close_at_end=False: manage_bar closes the last bar)
+
+
+# Layout of the carry vector a kernel run starts from and ends with (``backtest.engine`` converts it to and from
+# :class:`backtest.policy.State`; the account travels as an :class:`Account`, the rings as arrays): the open
+# position (with the exit decided at the last close) and the order pending at the next open.
+(C_SIDE, C_SIZE, C_ENTRY, C_STOP, C_TARGET, C_SL_DIST, C_ENTRY_BAR, C_MULT, C_PENDING_EXIT,
+ C_PEND_SIDE, C_PEND_SIZE, C_PEND_SL, C_PEND_TP, C_PEND_MULT) = range(14)
+CARRY_SIZE = 14
+
+
+def flat_carry() -> np.ndarray:
+    """A carry vector with no open position and no pending order."""
+    c = np.zeros(CARRY_SIZE)
+    c[C_ENTRY_BAR] = -1.0
+    c[C_MULT] = 1.0
+    c[C_PEND_MULT] = 1.0
+    return c
 
 
 @njit(cache=True, inline="always")
@@ -177,12 +197,38 @@ def _decide(t: int, p_long: float, p_short: float, hour: int, spread: float, sl_
 
 
 @njit(cache=True)
+def _record(trades: np.ndarray, n: int, e: int, x_bar: int, side: int, size: float, entry: float, x_px: float,
+            stop: float, target: float, pnl: float, r: float, reason: int, mult: float) -> None:
+    """Write one closed trade into the record array."""
+    tr = trades[n]
+    tr["entry"] = e
+    tr["exit"] = x_bar
+    tr["side"] = side
+    tr["size"] = size
+    tr["entry_px"] = entry
+    tr["exit_px"] = x_px
+    tr["stop"] = stop
+    tr["target"] = target
+    tr["pnl"] = pnl
+    tr["r"] = r
+    tr["reason"] = reason
+    tr["mult"] = mult
+
+
+@njit(cache=True)
 def run_kernel(m: KernelInputs, p: Params, start: int, end: int, acc: Account, ring_win: np.ndarray,
-               ring_eq: np.ndarray, memo: PathMemo, out: KernelOut) -> tuple[int, int, int]:
-    """Simulate bars ``[start, end)`` flat at ``start`` with the account ``acc`` (and its last trades in
-    ``ring_win`` / ``ring_eq``, updated in place). Outputs go into ``out``; returns ``(n_trades, n_trips,
-    skipped)``. Per bar the rules run in ``Trader.on_bar``'s order: day rollover, pending fill at the open,
-    position management (R9-R13), equity mark, decision at the close (R2-R8, R14)."""
+               ring_eq: np.ndarray, memo: PathMemo, out: KernelOut, carry: np.ndarray,
+               close_at_end: bool) -> tuple[int, int, int, Account]:
+    """Simulate bars ``[start, end)`` from the account ``acc`` (and its last trades in ``ring_win`` / ``ring_eq``,
+    updated in place) and the open position / pending order in ``carry`` (layout ``C_*``; :func:`flat_carry` for
+    none), which is overwritten with the ones the run ends with. Outputs go into ``out``; returns ``(n_trades,
+    n_trips, skipped, final account)``. Per bar the rules run in ``Trader.on_bar``'s order: day rollover, pending
+    fill at the open, position management (R9-R13), equity mark, decision at the close (R2-R8, R14).
+
+    With ``close_at_end=False`` nothing is forced at the last bar (R13 off, a decision is taken at its close): the
+    next run continues from the returned account and ``carry`` exactly as one longer run would, which is what a
+    live bot's week is. A position still open at the end is not in the trade table (it is in ``carry``); one
+    carried in is recorded when it closes."""
     # every array read once out of the NamedTuples: the loop then uses plain locals (no reference counting per use)
     open_, high, low, close, spread, hour, day, atr = m.open, m.high, m.low, m.close, m.spread, m.hour, m.day, m.atr
     p_long, p_short, p_max, sl_atr, tp_atr, exit_X, vol_regime = m.p_long, m.p_short, m.p_max, m.sl_atr, m.tp_atr, \
@@ -201,52 +247,86 @@ def run_kernel(m: KernelInputs, p: Params, start: int, end: int, acc: Account, r
     thr = p.confidence_threshold
     last = end - 1
     t = start
+    # what the run ends with: an open position (o_*) and an order pending at the next open
+    o_side = FLAT
+    o_size = 0.0
+    o_entry = 0.0
+    o_stop = 0.0
+    o_target = 0.0
+    o_sl = 0.0
+    o_bar = -1
+    o_mult = 1.0
+    pend_side = int(carry[C_PEND_SIDE])
+    pend_size = carry[C_PEND_SIZE]
+    pend_sl = carry[C_PEND_SL]
+    pend_tp = carry[C_PEND_TP]
+    pend_mult = carry[C_PEND_MULT]
+    c_side = int(carry[C_SIDE])
+    if c_side != FLAT and end > start:  # a position carried in: its path from here, under this run's models
+        e0 = int(carry[C_ENTRY_BAR])
+        entry, stop, target, size = carry[C_ENTRY], carry[C_STOP], carry[C_TARGET], carry[C_SIZE]
+        x_bar, x_px, xr = simulate_exit(e0, c_side, entry, stop, target, open_, high, low, close, spread, atr,
+                                        exit_X, exit_trees, use_exit, xbuf, end, p, start,
+                                        int(carry[C_PENDING_EXIT]), close_at_end)
+        for b in range(start, min(x_bar, end)):
+            eq[b] = mark_equity(acc.equity, c_side, entry, close[b], size, p)
+        if x_bar >= end:  # still open
+            o_side, o_size, o_entry, o_stop, o_target = c_side, size, entry, stop, target
+            o_sl, o_bar, o_mult = carry[C_SL_DIST], e0, carry[C_MULT]
+            t = end
+        else:
+            acc = day_rollover(day[x_bar], acc)
+            booked, acc = book_exit(x_bar, c_side, entry, x_px, size, carry[C_SL_DIST], acc, ring_win, ring_eq, p)
+            _record(trades, n_trades, e0, x_bar, c_side, size, entry, x_px, stop, target, booked.pnl,
+                    booked.r_multiple, xr, carry[C_MULT])
+            n_trades += 1
+            for code in TRIP_CODES:
+                if booked.trips & trip_bit(code):
+                    trips[n_trips]["bar"] = x_bar
+                    trips[n_trips]["code"] = code
+                    n_trips += 1
+            t = x_bar  # R14: the close of the exit bar may open the next position (the loop decides there)
     while t < end:
-        # flat: bars without a signal only mark equity (R3 rejects them before any other rule; module docstring)
-        cash = acc.equity
-        while t < last and not (p_max[t] >= thr):
+        if pend_side == FLAT:
+            # flat: bars without a signal only mark equity (R3 rejects them before any other rule; module docstring)
+            cash = acc.equity
+            while t < last and not (p_max[t] >= thr):
+                eq[t] = cash
+                t += 1
+            acc = day_rollover(day[t], acc)
             eq[t] = cash
+            if t >= last and close_at_end:
+                break  # R2/R13: no decision on the last bar of a closed-out run
+            pend_side, pend_size, pend_sl, pend_tp, pend_mult, sk = _decide(
+                t, p_long[t], p_short[t], hour[t], spread[t], sl_atr[t], tp_atr[t], atr[t], vol_regime[t], use_sltp,
+                use_risk, risk_trees, acc, ring_win, ring_eq, abuf, p)
+            skipped += sk
             t += 1
-        acc = day_rollover(day[t], acc)
-        eq[t] = cash
-        if t >= last:
-            break  # R2/R13: no decision on the last bar
-        side, size, sl_d, tp_d, mult, sk = _decide(t, p_long[t], p_short[t], hour[t], spread[t], sl_atr[t],
-                                                   tp_atr[t], atr[t], vol_regime[t], use_sltp, use_risk,
-                                                   risk_trees, acc, ring_win, ring_eq, abuf, p)
-        skipped += sk
-        t += 1
-        if side == FLAT:
             continue
         # fill at the open of bar t (R5, R6), then the memoised path to its exit bar
+        side, size, sl_d, tp_d, mult = pend_side, pend_size, pend_sl, pend_tp, pend_mult
+        pend_side = FLAT
         acc = day_rollover(day[t], acc)
         entry = entry_fill(open_[t], side, spread[t], p)
         stop, target = stops_from_fill(entry, side, sl_d, tp_d)
         if m_bar[t] < 0:
             xb, xp, xr = simulate_exit(t, side, entry, stop, target, open_, high, low, close, spread, atr, exit_X,
-                                       exit_trees, use_exit, xbuf, end, p)
+                                       exit_trees, use_exit, xbuf, end, p, -1, 0, close_at_end)
             m_price[t] = xp
             m_reason[t] = xr
             m_bar[t] = xb
         x_bar = m_bar[t]
         x_px = m_price[t]
-        for b in range(t, x_bar):  # in position: equity marked at each close
+        for b in range(t, min(x_bar, end)):  # in position: equity marked at each close
             eq[b] = mark_equity(acc.equity, side, entry, close[b], size, p)
+        if x_bar >= end:  # still open at the end (close_at_end=False): it goes into the carry
+            o_side, o_size, o_entry, o_stop, o_target, o_sl, o_bar, o_mult = side, size, entry, stop, target, sl_d, \
+                t, mult
+            break
         acc = day_rollover(day[x_bar], acc)
         booked, acc = book_exit(x_bar, side, entry, x_px, size, sl_d, acc, ring_win, ring_eq, p)
-        tr = trades[n_trades]
-        tr["entry"] = t
-        tr["exit"] = x_bar
-        tr["side"] = side
-        tr["size"] = size
-        tr["entry_px"] = entry
-        tr["exit_px"] = x_px
-        tr["stop"] = stop
-        tr["target"] = target
-        tr["pnl"] = booked.pnl
-        tr["r"] = booked.r_multiple
-        tr["reason"] = m_reason[t]
-        tr["mult"] = mult
+        _record(trades, n_trades, t, x_bar, side, size, entry, x_px, stop, target, booked.pnl, booked.r_multiple,
+                m_reason[t], mult)
         n_trades += 1
         for code in TRIP_CODES:
             if booked.trips & trip_bit(code):
@@ -254,4 +334,28 @@ def run_kernel(m: KernelInputs, p: Params, start: int, end: int, acc: Account, r
                 trips[n_trips]["code"] = code
                 n_trips += 1
         t = x_bar  # R14: the close of the exit bar may open the next position
-    return n_trades, n_trips, skipped
+    if end > start:
+        acc = day_rollover(day[last], acc)  # the lazily skipped rollovers, so the final account is the Trader's
+    pending = 0
+    if o_side != FLAT and end > start:  # the exit decided at the last close (what the walk computed there)
+        pending = time_exit(last, o_bar, p)
+        if pending == 0 and use_exit:
+            pending = model_exit(last, o_bar, o_side, close[last], o_entry, o_stop, o_target, atr[last],
+                                 exit_X[last], xbuf, exit_trees, p)
+    if end <= start and c_side != FLAT:  # an empty window carries the position through unchanged
+        return n_trades, n_trips, skipped, acc
+    carry[C_SIDE] = o_side
+    carry[C_SIZE] = o_size
+    carry[C_ENTRY] = o_entry
+    carry[C_STOP] = o_stop
+    carry[C_TARGET] = o_target
+    carry[C_SL_DIST] = o_sl
+    carry[C_ENTRY_BAR] = o_bar
+    carry[C_MULT] = o_mult
+    carry[C_PENDING_EXIT] = pending
+    carry[C_PEND_SIDE] = pend_side
+    carry[C_PEND_SIZE] = pend_size if pend_side != FLAT else 0.0
+    carry[C_PEND_SL] = pend_sl if pend_side != FLAT else 0.0
+    carry[C_PEND_TP] = pend_tp if pend_side != FLAT else 0.0
+    carry[C_PEND_MULT] = pend_mult if pend_side != FLAT else 1.0
+    return n_trades, n_trips, skipped, acc

@@ -9,10 +9,11 @@ the new one (training silently drifting from the backtest, or step mode from fas
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from core.io import atomic_write_text
 
 
 def purge_stale_cache(dispatcher: Any, sources: Sequence[Path], prefixes: tuple[str, ...], stamp_name: str) -> None:
@@ -38,8 +39,6 @@ def purge_stale_cache(dispatcher: Any, sources: Sequence[Path], prefixes: tuple[
             if f.name.startswith(prefixes):
                 f.unlink(missing_ok=True)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = stamp.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(h)
-        os.replace(tmp, stamp)
+        atomic_write_text(stamp, h)
     except OSError:
         pass

@@ -48,6 +48,25 @@ class Predictor(Protocol):
     def risk_model(self) -> CompiledTrees | None: ...
 
 
+class CompiledModels:
+    """The two state-dependent parts of a :class:`Predictor`, held as compiled trees and handed to the kernel as they
+    are (``_exit_model``, ``_risk_model``; None = not used). Why a base class: every predictor passes them through the
+    same way, whatever computes its signal (rules or trained models)."""
+
+    _exit_model: tuple[CompiledTrees, np.ndarray] | None = None
+    _risk_model: CompiledTrees | None = None
+
+    @property
+    def exit_model(self) -> tuple[CompiledTrees, np.ndarray] | None:
+        """(CompiledTrees, int64 indices of the position model's market features in ``feature_names``) or None."""
+        return self._exit_model
+
+    @property
+    def risk_model(self) -> CompiledTrees | None:
+        """CompiledTrees of the risk model, or None."""
+        return self._risk_model
+
+
 def predictor_name(predictor: object) -> str:
     """The predictor's description for reports."""
     return str(getattr(predictor, "name", type(predictor).__name__))

@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 
 from backtest.policy import ACCOUNT_STATE_FEATURES, POSITION_STATE_FEATURES
+from backtest.predictor import CompiledModels
 from backtest.trees import CompiledTrees, compile_booster
 
 
-class RuleSignal:
+class RuleSignal(CompiledModels):
     """Rule-based momentum signal (not a model).
 
     ``z = ret_{h} / (rv_16 * sqrt(h))`` is the last ``h``-bar log return (h in 1, 4, 16, 64) in units of the recent
@@ -42,8 +43,8 @@ class RuleSignal:
         self.gain = float(gain)
         self.offset = float(offset)
         self.sltp_rule = sltp_rule
-        self._exit = exit_model
-        self._risk = risk_model
+        self._exit_model = exit_model
+        self._risk_model = risk_model
         need = [f"ret_{horizon}", "rv_16"] + (["vol_ratio"] if sltp_rule else [])
         missing = [c for c in need if c not in self._names]
         if missing:
@@ -76,14 +77,6 @@ class RuleSignal:
         vr = np.asarray(X)[:, self._i_vr].astype(np.float64)
         sl = np.clip(1.0 + 0.5 * vr, 0.75, 3.0)
         return np.column_stack([sl, 1.5 * sl])
-
-    @property
-    def exit_model(self) -> tuple[CompiledTrees, np.ndarray] | None:
-        return self._exit
-
-    @property
-    def risk_model(self) -> CompiledTrees | None:
-        return self._risk
 
 
 # ------------------------------------------------------------------------------------- toy models (tests, bench)

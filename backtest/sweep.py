@@ -31,6 +31,7 @@ import pandas as pd
 from backtest.engine import MarketArrays, run_arrays
 from backtest.policy import make_params, replace_params
 from core.config import Config
+from core.io import atomic_write
 
 PARALLEL_MIN_BAR_RUNS = 50_000_000  # grid points x bars above which the sweep fans out to worker processes
 SWEPT = ("confidence_threshold", "risk_percent", "sl_multiplier", "tp_multiplier", "sessions")
@@ -39,6 +40,8 @@ SWEPT = ("confidence_threshold", "risk_percent", "sl_multiplier", "tp_multiplier
 @dataclass
 class SweepResult:
     table: pd.DataFrame  # one row per grid point, sorted best first
+    daily: np.ndarray  # days x grid points: daily returns on the sweep window, columns in the table's order (PBO)
+    days: pd.DatetimeIndex  # the UTC day of each row of ``daily``
     best: dict[str, Any] | None  # the chosen trading parameters (None: keep current)
     min_trades: int
     n_combos: int
@@ -55,18 +58,24 @@ def grid(cfg: Config) -> list[dict[str, Any]]:
 
 
 def _run_chunk(arrays: MarketArrays, cfg: Config, points: list[dict[str, Any]], start: int, end: int,
-               min_trades: int) -> list[dict[str, Any]]:
+               min_trades: int) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Score every point, and keep its daily returns (the equity at each day's last bar: one gather per point)."""
+    from backtest.stats import daily_returns, day_ends
+
     base = make_params(cfg)
     rows = []
+    ends = day_ends(arrays.day[start:end])
+    daily = np.empty((ends.size, len(points)))
     for pt in points:
         p = replace_params(base, **{k: (list(v) if k == "sessions" else v) for k, v in pt.items()})
         run = run_arrays(arrays, p, start, end, check=False)
         m = run.metrics(arrays, min_trades)
+        daily[:, len(rows)] = daily_returns(run.equity, arrays.day[start:end], p.initial_equity, ends)
         rows.append({**{k: ("+".join(v) if k == "sessions" else v) for k, v in pt.items()},
                      "score": m["score"], "return_pct": m["return_pct"], "max_drawdown_pct": m["max_drawdown_pct"],
                      "trades": m["trades"], "win_rate": m["win_rate"], "profit_factor": m["profit_factor"],
                      "sharpe": m["sharpe"]})
-    return rows
+    return rows, daily
 
 
 def _distance(row: pd.Series, cfg: Config) -> float:
@@ -99,29 +108,45 @@ def run_sweep(arrays: MarketArrays, cfg: Config, window: tuple[int, int], oos_ba
 
         parts = Parallel(n_jobs=len(chunks), backend="loky", max_nbytes=None)(
             delayed(_run_chunk)(arrays, cfg, ch, start, end, min_trades) for ch in chunks)
-        rows = [r for part in parts for r in part]
+        daily = np.empty((parts[0][1].shape[0], len(points)))
+        for i, (_, d) in enumerate(parts):
+            daily[:, i::len(chunks)] = d
+        rows = [None] * len(points)  # type: ignore[list-item]
+        for i, (part, _) in enumerate(parts):
+            rows[i::len(chunks)] = part
     else:
-        rows = _run_chunk(arrays, cfg, points, start, end, min_trades)
+        rows, daily = _run_chunk(arrays, cfg, points, start, end, min_trades)
     table = pd.DataFrame(rows)
+    table["grid_id"] = np.arange(len(points))
     table["eligible"] = (table["trades"] >= min_trades) & (table["max_drawdown_pct"] <= prof.max_drawdown_pct)
     table["distance"] = table.apply(lambda r: _distance(r, cfg), axis=1)
     table = table.sort_values(["eligible", "score", "distance"], ascending=[False, False, True], kind="mergesort")
     table = table.reset_index(drop=True)
+    daily = np.ascontiguousarray(daily[:, table["grid_id"].to_numpy()])
+    table = table.drop(columns="grid_id")
+    from backtest.stats import day_ends
+
+    end_bars = start + day_ends(arrays.day[start:end])
+    days = pd.DatetimeIndex(arrays.index[end_bars]).floor("D")
     best = None
     if bool(table["eligible"].any()):
         r = table.iloc[0]
         best = {"confidence_threshold": float(r["confidence_threshold"]), "risk_percent": float(r["risk_percent"]),
                 "sl_multiplier": float(r["sl_multiplier"]), "tp_multiplier": float(r["tp_multiplier"]),
                 "sessions": str(r["sessions"]).split("+")}
-    return SweepResult(table=table, best=best, min_trades=min_trades, n_combos=len(points),
+    return SweepResult(table=table, daily=daily, days=days, best=best, min_trades=min_trades, n_combos=len(points),
                        n_eligible=int(table["eligible"].sum()), window=(start, end))
 
 
 def save_sweep(result: SweepResult, out_dir: Path) -> dict[str, Path]:
-    """Write the full table (CSV) and a heatmap (best score per confidence threshold x SL multiplier)."""
+    """Write the full table (CSV), every point's daily returns (``sweep_returns.npz``) and a heatmap (best score per
+    confidence threshold x SL multiplier)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv = out_dir / "sweep.csv"
-    result.table.to_csv(csv, index=False, float_format="%.6g")
+    atomic_write(csv, lambda tmp: result.table.to_csv(tmp, index=False, float_format="%.6g"))
+    # every configuration's daily returns, columns in the table's order: the deflated Sharpe ratio and PBO read it
+    npz = out_dir / "sweep_returns.npz"
+    atomic_write(npz, lambda tmp: np.savez_compressed(tmp, daily=result.daily, days=result.days.asi8))
     png = out_dir / "sweep_heatmap.png"
     import matplotlib
 
@@ -145,9 +170,9 @@ def save_sweep(result: SweepResult, out_dir: Path) -> dict[str, Path]:
                 ax.text(j, i, f"{vals[i, j]:.2f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, label="score")
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
-    return {"csv": csv, "png": png}
+    return {"csv": csv, "png": png, "returns": npz}
 
 
 def top_rows(result: SweepResult, k: int = 5) -> list[dict[str, Any]]:
@@ -155,3 +180,12 @@ def top_rows(result: SweepResult, k: int = 5) -> list[dict[str, Any]]:
             "return_pct", "max_drawdown_pct", "trades", "eligible"]
     return [{c: (bool(v) if c == "eligible" else v) for c, v in row.items()}
             for row in result.table[cols].head(k).to_dict("records")]
+
+
+def load_sweep_returns(out_dir: Path) -> np.ndarray | None:
+    """The days x configurations daily-return matrix saved by :func:`save_sweep` (None when absent)."""
+    f = out_dir / "sweep_returns.npz"
+    if not f.exists():
+        return None
+    with np.load(f) as z:
+        return np.asarray(z["daily"], dtype=np.float64)

@@ -24,23 +24,18 @@ Last line: ``fast_bars_per_s=<int> step_bars_per_s=<int>``.
 
 from __future__ import annotations
 
-import sys
+import argparse
+import dataclasses
+import itertools
+import os
+import platform
+import statistics
+import time
+from collections import OrderedDict
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import itertools  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections import OrderedDict  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
 REAL = REPO.parent / "shared" / "data" / "BTCUSDT_15m_2023_2024.csv"

@@ -57,13 +57,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
+from core.config import config_to_json, load_config, parse_config
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from core.config import config_to_json, load_config, parse_config  # noqa: E402
 
 REAL = REPO.parent / "shared" / "data" / "BTCUSDT_15m_2023_2024.csv"
 PAGE = os.sysconf("SC_PAGE_SIZE")

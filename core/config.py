@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -31,7 +32,14 @@ NonNegFloat = Annotated[float, Field(ge=0)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Every section: unknown keys refused, no coercion, finite numbers only.
+
+    Why strict: ``"risk_percent": "1.0"`` or ``"oos_weeks": true`` read as 1.0 / 1 is a silent change of meaning
+    (a set scored on a one-week window was committed that way), and ``Infinity`` runs all 13 phases before it
+    breaks the backtest. A number must be written as a JSON number; an int field does not take ``1.0`` or ``true``.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class Bounds(_Strict):
@@ -132,6 +140,9 @@ class DataCfg(_Strict):
     demo_bars: Annotated[int, Field(ge=1000)] = 105_120
     mt5_host: str = "127.0.0.1"
     mt5_port: Annotated[int, Field(ge=1, le=65535)] = 18812
+    # A Parquet candle file (or the store) with more rows than this is refused from its metadata, before reading:
+    # a few MB of Parquet can expand to tens of millions of rows and GBs of memory. 5M M15 bars = 140 years.
+    max_rows: Annotated[int, Field(ge=1000)] = 5_000_000
 
 
 class LabelsCfg(_Strict):
@@ -186,10 +197,30 @@ class TelegramCfg(_Strict):
     timeout_s: PosFloat = 20.0
 
 
+class GateCfg(_Strict):
+    """The commit gate beyond the seed's 2 % rule and the profile's floors (``backtest.metrics.gate``).
+
+    ``mode = "seed"`` selects the seed's gate alone (for comparisons, e.g. the replay); ``"default"`` also requires
+    the evidence that knows how much the run searched (defaults and how they were chosen: README, "The gate")."""
+
+    mode: Literal["default", "seed"] = "default"
+    min_prob_better: Annotated[float, Field(ge=0, le=1)] = 0.90  # paired block bootstrap, full OOS window
+    min_dsr: Annotated[float, Field(ge=0, le=1)] = 0.50  # deflated Sharpe ratio of the new set on the OOS window
+    max_pbo: Annotated[float, Field(ge=0, le=1)] = 0.50  # probability of backtest overfitting of the sweep (CSCV)
+    holdout_not_worse: bool = True  # holdout score >= the deployed set's (>= 0 on a first run)
+    bootstrap_resamples: Annotated[int, Field(ge=1000, le=200_000)] = 5000
+    bootstrap_seed: int = 0
+    pbo_blocks: Annotated[int, Field(ge=4, le=20, multiple_of=2)] = 16
+
+
 class PipelineCfg(_Strict):
     gate_improvement: Annotated[float, Field(ge=0, le=1)] = 0.02
+    gate: GateCfg = Field(default_factory=GateCfg)
     keep_backups: Annotated[int, Field(ge=1, le=100)] = 5
     min_free_disk_mb: Annotated[int, Field(ge=0)] = 500
+    # a deploy also commits config.json + models/manifest.json in the root's git work tree (run id and scores in the
+    # message; a rollback commits nothing). None (default) = on when the root is a git work tree.
+    git_commit: bool | None = None
 
 
 class Config(_Strict):
@@ -291,7 +322,36 @@ def _describe(err: dict[str, Any]) -> str:
         return f"value {err.get('input')!r} not allowed: expected {ctx.get('expected', '?')}"
     if typ == "value_error":
         return str(ctx.get("error", err.get("msg", "")))
+    if typ in {"int_type", "float_type", "bool_type", "string_type", "list_type", "dict_type", "model_type"}:
+        want = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+                "string_type": "a string", "list_type": "a list", "dict_type": "an object",
+                "model_type": "an object"}[typ]
+        return f"expected {want}, got {_json_kind(err.get('input'))} {_show(err.get('input'))} (no conversion is done)"
+    if typ == "finite_number":
+        return f"value {err.get('input')!r} is not a finite number (NaN and Infinity are refused)"
     return f"{err.get('msg', typ)} (got {err.get('input')!r})"
+
+
+def _show(v: Any) -> str:
+    """A value as it is written in the JSON file (``true``, ``"1.0"``), for the error line."""
+    try:
+        return json.dumps(v)
+    except (TypeError, ValueError):
+        return repr(v)
+
+
+def _json_kind(v: Any) -> str:
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, int):
+        return "an integer"
+    if isinstance(v, float):
+        return "a number"
+    if v is None:
+        return "null"
+    return "a list" if isinstance(v, list) else "an object" if isinstance(v, dict) else type(v).__name__
 
 
 def parse_config(raw: dict[str, Any], source: str = "config.json") -> Config:
@@ -307,15 +367,56 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> Config:
         raise UserError(f"{where}{msg}{more}") from None
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Load and validate config.json. A missing file, bad JSON or schema violation raises :class:`UserError`."""
+class _JsonRefused(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: a key given twice is refused (``json`` would silently keep the last one)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            others = ", ".join(list(out)[:4])
+            raise _JsonRefused(f"key '{k}' is given twice in the same object (beside {others})")
+        out[k] = v
+    return out
+
+
+def read_json_strict(path: str | os.PathLike[str], what: str = "config file") -> Any:
+    """Parse a JSON file strictly: readable UTF-8 text, no duplicate keys, no NaN/Infinity.
+
+    Every failure (missing, a folder, unreadable, binary garbage, invalid JSON) is one :class:`UserError` line
+    naming the file, so the scripts exit 2 before doing anything."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"{p}: config file not found")
+        raise UserError(f"{p}: {what} not found")
+    if p.is_dir():
+        raise UserError(f"{p}: is a folder, expected a JSON {what}")
     try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
+        data = p.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{p}: cannot read the {what}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{p}: not a text file (byte {exc.start} is not UTF-8): expected JSON") from None
+    if "\x00" in text:
+        raise UserError(f"{p}: not a text file (contains NUL bytes): expected JSON")
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except _JsonRefused as exc:
+        raise UserError(f"{p}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{p}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise UserError(f"{p}: invalid JSON: nested too deeply") from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Load and validate config.json. A missing, unreadable or non-JSON file or a schema violation raises
+    :class:`UserError` (one line naming the file and the key)."""
+    p = Path(path)
+    raw = read_json_strict(p)
     if not isinstance(raw, dict):
         raise UserError(f"{p}: top level must be a JSON object")
     return parse_config(raw, str(p))
@@ -336,7 +437,7 @@ def with_trading(cfg: Config, **changes: Any) -> Config:
 # --------------------------------------------------------------------------------------------------- secrets
 SECRET_NAMES = (
     "MT5_LOGIN", "MT5_PASSWORD", "MT5_SERVER", "MT5_PATH",
-    "HF_TOKEN", "TELEGRAM_TOKEN", "TELEGRAM_CHAT_ID",
+    "HF_TOKEN", "TELEGRAM_TOKEN", "TELEGRAM_CHAT_ID", "MODEL_SIGNING_KEY",
 )
 
 
@@ -354,13 +455,21 @@ def secrets(names: Iterable[str] = SECRET_NAMES) -> dict[str, str]:
     return {n: os.environ[n] for n in names if os.environ.get(n)}
 
 
+_URL_CREDENTIALS = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s'\"]*):(?P<pw>[^@/\s'\"]+)@")
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:PASSWORD@host/db`` -> ``scheme://user:***@host/db`` (every URL in ``url``)."""
+    return _URL_CREDENTIALS.sub(lambda m: f"{m.group('head')}:***@", url)
+
+
 def redact(text: str) -> str:
-    """Replace every secret value that occurs in ``text`` by ``***`` (for logs and reports).
+    """Replace every secret value that occurs in ``text`` by ``***`` (for logs and reports), and the password of
+    every ``scheme://user:password@host`` URL (a ``--storage`` database URL must not reach a report or a log).
 
     Numeric secrets (an MT5 login, a Telegram chat id) are replaced only where they stand alone, never inside a
     longer number (``4242`` must not turn ``0.42421`` into ``0.***1``)."""
-    import re
-
+    text = redact_url(text)
     for value in secrets().values():
         if len(value) < 4:
             continue

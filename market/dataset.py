@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from core.config import Config, default_config
+from core.io import atomic_write, atomic_write_json
 from market.features import build_features, feature_names
 from market.labels import CLASSES, cusum_events, triple_barrier
 from market.splits import Splits, make_splits
@@ -56,9 +57,8 @@ class Dataset:
     # ------------------------------------------------------------------ persistence (phase 3 -> later phases)
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self.candles.to_parquet(folder / "candles.parquet")
-        self.features.to_parquet(folder / "features.parquet")
-        self.labels.to_parquet(folder / "labels.parquet")
+        for name, frame in (("candles", self.candles), ("features", self.features), ("labels", self.labels)):
+            atomic_write(folder / f"{name}.parquet", frame.to_parquet)
         sp = self.splits
         arrays: dict[str, np.ndarray] = {
             "events": self.events, "train": sp.train, "fit": sp.fit, "calib": sp.calib, "oos": sp.oos,
@@ -67,10 +67,10 @@ class Dataset:
         for k, (tr, va) in enumerate(sp.folds):
             arrays[f"fold{k}_train"] = tr
             arrays[f"fold{k}_val"] = va
-        np.savez(folder / "splits.npz", **arrays)
+        atomic_write(folder / "splits.npz", lambda tmp: np.savez(tmp, **arrays))
         meta = {"n_bars": sp.n_bars, "oos_start": sp.oos_start, "embargo": sp.embargo, "n_folds": len(sp.folds),
                 "is_demo": self.is_demo, "source": self.candles.attrs.get("source", "")}
-        (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
+        atomic_write_json(folder / "dataset.json", meta)  # last: its presence marks a complete folder
 
     @classmethod
     def load(cls, folder: Path) -> Dataset:

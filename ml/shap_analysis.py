@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.io import atomic_write, atomic_write_text
 from ml.models.signal import SIGNAL_MODELS, underlying
 
 REPORT_JSON = "shap_report.json"
@@ -94,7 +95,7 @@ def _plot(table: pd.DataFrame, model_names: Sequence[str], path: Path, leak: set
     ax.set_title(f"Signal models: SHAP importance, top {len(top)}")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -205,11 +206,20 @@ def shap_report(models: Mapping[str, Any], X: np.ndarray, feature_names: Sequenc
         warn_lines.append(f"rank change: {rc['feature']} {rc['prev_rank']} -> {rc['rank']}")
     if prev_note:
         warn_lines.append(prev_note)
+    flag_lines = [  # the report's short list (the weekly report and Telegram show these lines)
+        *([f"LEAKAGE SUSPECT (one feature holds most importance): {', '.join(r['feature'] for r in leak_rows)}"]
+          if leak_rows else []),
+        *([f"near zero in all three models (candidates, not dropped): {', '.join(flags['drop_candidates'])}"]
+          if flags["drop_candidates"] else []),
+        *([f"protected, near zero (kept): {', '.join(flags['protected_near_zero'])}"]
+          if flags["protected_near_zero"] else []),
+        *(f"rank change: {rc}" for rc in rank_changes[:10]),
+    ]
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = table.sort_values("rank").reset_index(drop=True)
-    table.to_csv(out / REPORT_CSV, index=False, float_format="%.6g")
+    atomic_write(out / REPORT_CSV, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
     t_plot = time.perf_counter()
     _plot(table, order, out / REPORT_PNG, {r["feature"] for r in leak_rows})
     seconds["plot"] = round(time.perf_counter() - t_plot, 3)
@@ -228,12 +238,12 @@ def shap_report(models: Mapping[str, Any], X: np.ndarray, feature_names: Sequenc
         "thresholds": {"near_zero_share": near_zero_share, "leakage_share": leakage_share, "rank_change": rank_change},
         "rank_agreement": agreement,
         "mean_rank_agreement": round(float(np.mean(finite)), 4) if finite else None,
-        "flags": flags, "warnings": warn_lines, "previous": None if previous is None else str(previous),
+        "flags": flags, "flag_lines": flag_lines, "warnings": warn_lines,
+        "previous": None if previous is None else str(previous),
         "seconds": seconds, "features": features,
         "files": {"csv": str(out / REPORT_CSV), "json": str(out / REPORT_JSON), "png": str(out / REPORT_PNG)},
     }
-    (out / REPORT_JSON).write_text(json.dumps(report, indent=2, allow_nan=False, default=_nan_none) + "\n",
-                                   encoding="utf-8")
+    atomic_write_text(out / REPORT_JSON, json.dumps(report, indent=2, allow_nan=False, default=_nan_none) + "\n")
     return report
 
 
@@ -241,3 +251,9 @@ def _nan_none(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     return str(obj)
+
+
+if __name__ == "__main__":  # the seed's spelling of the command (cli.shap; upward import listed in pyproject.toml)
+    from cli.shap import entry
+
+    entry()

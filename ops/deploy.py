@@ -35,8 +35,9 @@ checking every hash against the journal. Without a journal, leftovers of a switc
 are swept. Recovery is itself kill-safe: it only uses the same atomic steps, and the journal stays until the end.
 
 A reader (the live bot) can still observe the short window between the two renames of step 3 (``models/`` missing)
-or between steps 3 and 4 (new models, old config): it should load config + models together and retry once if the
-manifest does not match. The invariant above is about the persistent state.
+or between steps 3 and 4 (new models, old config): readers use :func:`ml.models.bundle.load_deployed`, which reads
+config + models together, accepts the pair only when no journal exists and neither changed during the read, and
+retries once. The invariant above is about the persistent state.
 
 Crash injection for tests: ``OPS_DEPLOY_CRASH_AT=<point>[#k]`` makes the process SIGKILL itself at that point (see
 :data:`CRASH_POINTS`). This is a test hook on a real process, not a mock; production never sets it.
@@ -51,14 +52,21 @@ import os
 import re
 import shutil
 import signal
+import stat
+import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.errors import UserError
+from core.io import atomic_write_bytes, fsync_dir, fsync_tree, hash_dir, sha256_file, tmp_glob
 from core.paths import Paths
+
+if TYPE_CHECKING:
+    from ops.hub import Registry
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +85,7 @@ CRASH_POINTS = (
     "after_cleanup",  # everything removed
     "rollback_decided",  # recovery wrote 'rolling_back'
     "rollback_applied",  # old set back in place, journal still there
+    "after_push",  # apply: the registry holds the new version, nothing switched yet
 )
 JOURNAL_VERSION = 1
 CONFIG_KEY = "config.json"
@@ -108,72 +117,12 @@ def _crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename/create/delete inside ``path`` durable (POSIX needs the directory itself fsynced)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    """fsync every file and directory below ``path`` (trainers write with plain ``open``; renaming a directory whose
-    file data is still only in the page cache would survive SIGKILL but not a power cut)."""
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            _fsync_file(Path(dirpath) / name)
-        _fsync_dir(Path(dirpath))
-
-
-def _write_atomic(path: Path, data: bytes, crash_label: str | None = None) -> None:
-    """Write ``path`` so that it is either absent/old or complete: temp file, fsync, ``os.replace``, fsync dir."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    if crash_label:
-        _crash_point(crash_label)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _hash_dir(directory: Path, prefix: str = MODELS_PREFIX) -> dict[str, str]:
-    """``{prefix + relative posix path: sha256}`` for every file below ``directory`` ({} if it does not exist)."""
-    if not directory.is_dir():
-        return {}
-    out: dict[str, str] = {}
-    for dirpath, dirs, files in os.walk(directory):
-        dirs.sort()
-        for name in sorted(files):
-            p = Path(dirpath) / name
-            out[prefix + p.relative_to(directory).as_posix()] = _sha256_file(p)
-    return dict(sorted(out.items()))
-
-
 def _models_part(hashes: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in hashes.items() if k.startswith(MODELS_PREFIX)}
 
 
 def _file_hash(path: Path) -> str | None:
-    return _sha256_file(path) if path.is_file() else None
+    return sha256_file(path) if path.is_file() else None
 
 
 def _check_run_id(run_id: str) -> None:
@@ -192,20 +141,15 @@ def _set_aside(paths: Paths, path: Path, tag: str) -> Path:
     """Move an unexpected directory out of the way without deleting it (nothing is ever silently lost)."""
     dest = paths.root / f"models.unknown.{tag}.{int(time.time() * 1000)}"
     os.rename(path, dest)
-    _fsync_dir(paths.root)
+    fsync_dir(paths.root)
     log.warning("moved unexpected %s aside to %s", path, dest)
     return dest
 
 
 # --------------------------------------------------------------------------------------------------- hashing
-def sha256_file(path: Path) -> str:
-    """sha256 of one file (public: the pipeline records the hashes a switch is expected to produce)."""
-    return _sha256_file(path)
-
-
 def hash_models_dir(directory: Path) -> dict[str, str]:
     """``models/<rel>`` -> sha256 for a staged or deployed models folder, keyed as in :func:`hash_state`."""
-    return _hash_dir(directory)
+    return hash_dir(directory, MODELS_PREFIX)
 
 
 def hash_state(paths: Paths) -> dict[str, str]:
@@ -213,9 +157,9 @@ def hash_state(paths: Paths) -> dict[str, str]:
 
     A missing models/ (first deploy) simply contributes no keys; a missing config.json no ``config.json`` key.
     """
-    out = _hash_dir(paths.models)
+    out = hash_dir(paths.models, MODELS_PREFIX)
     if paths.config.is_file():
-        out[CONFIG_KEY] = _sha256_file(paths.config)
+        out[CONFIG_KEY] = sha256_file(paths.config)
     return dict(sorted(out.items()))
 
 
@@ -246,9 +190,9 @@ class Backup:
 
     def intact(self) -> bool:
         """The backup's own files still hash to what was recorded when it was taken."""
-        got = _hash_dir(self.models_dir)
+        got = hash_dir(self.models_dir, MODELS_PREFIX)
         if self.config_file.is_file():
-            got[CONFIG_KEY] = _sha256_file(self.config_file)
+            got[CONFIG_KEY] = sha256_file(self.config_file)
         return dict(sorted(got.items())) == self.hashes and self.models_dir.is_dir() == self.has_models
 
 
@@ -312,9 +256,9 @@ def backup(paths: Paths, run_id: str) -> Backup:
         shutil.copytree(paths.models, tmp / "models", symlinks=False)
     if has_config:
         shutil.copy2(paths.config, tmp / CONFIG_KEY)
-    copied = _hash_dir(tmp / "models")
+    copied = hash_dir(tmp / "models", MODELS_PREFIX)
     if has_config:
-        copied[CONFIG_KEY] = _sha256_file(tmp / CONFIG_KEY)
+        copied[CONFIG_KEY] = sha256_file(tmp / CONFIG_KEY)
     copied = dict(sorted(copied.items()))
     if copied != before:
         _rmtree(tmp)
@@ -323,10 +267,10 @@ def backup(paths: Paths, run_id: str) -> Backup:
     meta = {"run_id": run_id, "created": created, "has_models": has_models, "has_config": has_config,
             "hashes": copied}
     (tmp / "hashes.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     _crash_point("backup_copied")
     os.rename(tmp, dest)
-    _fsync_dir(paths.backups)
+    fsync_dir(paths.backups)
     return Backup(run_id, dest, created, copied, has_models, has_config)
 
 
@@ -348,7 +292,7 @@ def prune_backups(paths: Paths, keep: int) -> list[str]:
     for b in backups[: max(0, len(backups) - keep)]:
         trash = paths.backups / f".trash-{b.run_id}-{os.getpid()}"
         os.rename(b.path, trash)
-        _fsync_dir(paths.backups)
+        fsync_dir(paths.backups)
         _rmtree(trash)
         removed.append(b.run_id)
     return removed
@@ -386,7 +330,8 @@ def _names(paths: Paths, j: dict[str, Any]) -> _Names:
 
 
 def _write_journal(paths: Paths, j: dict[str, Any]) -> None:
-    _write_atomic(paths.journal, (json.dumps(j, indent=2, sort_keys=True) + "\n").encode(), "journal_tmp_written")
+    atomic_write_bytes(paths.journal, (json.dumps(j, indent=2, sort_keys=True) + "\n").encode(),
+                       before_replace=lambda: _crash_point("journal_tmp_written"))
 
 
 def _read_journal(paths: Paths) -> dict[str, Any]:
@@ -400,7 +345,9 @@ def _read_journal(paths: Paths) -> dict[str, Any]:
     return j
 
 
-_LEFTOVER_GLOBS = ("models.old.*", "config.json.new.*", "config.json.old.*", ".config.json.*.tmp.*")
+# the switch's own files, and the temp files of atomic writes of config.json[.new/.old.<id>] (core.io.tmp_glob)
+_LEFTOVER_GLOBS = ("models.old.*", "config.json.new.*", "config.json.old.*", ".config.json.*.tmp.*",
+                   tmp_glob("config.json"))
 
 
 def _sweep_leftovers(paths: Paths) -> list[str]:
@@ -409,7 +356,7 @@ def _sweep_leftovers(paths: Paths) -> list[str]:
         return []
     removed = []
     seen: set[Path] = set()
-    for pattern in _LEFTOVER_GLOBS + (f".{paths.journal.name}.tmp.*",):
+    for pattern in _LEFTOVER_GLOBS + (tmp_glob(paths.journal.name),):
         for p in paths.root.glob(pattern):
             if p in seen:
                 continue
@@ -417,7 +364,7 @@ def _sweep_leftovers(paths: Paths) -> list[str]:
             _rmtree(p)
             removed.append(p.name)
     if removed:
-        _fsync_dir(paths.root)
+        fsync_dir(paths.root)
     return sorted(removed)
 
 
@@ -428,8 +375,8 @@ def _new_parts_present(paths: Paths, j: dict[str, Any]) -> bool:
     new = j["new"]
     new_models = _models_part(new["hashes"])
     if new["models"]:
-        in_place = paths.models.is_dir() and _hash_dir(paths.models) == new_models
-        staged = n.staged.is_dir() and _hash_dir(n.staged) == new_models
+        in_place = paths.models.is_dir() and hash_dir(paths.models, MODELS_PREFIX) == new_models
+        staged = n.staged.is_dir() and hash_dir(n.staged, MODELS_PREFIX) == new_models
         if not (in_place or staged):
             return False
     if new["config"]:
@@ -446,7 +393,8 @@ def _roll_forward(paths: Paths, j: dict[str, Any]) -> None:
     new = j["new"]
     new_models = _models_part(new["hashes"])
     models = paths.models
-    in_place = (models.is_dir() and _hash_dir(models) == new_models) if new["models"] else not models.exists()
+    in_place = ((models.is_dir() and hash_dir(models, MODELS_PREFIX) == new_models) if new["models"]
+                else not models.exists())
 
     # 3a. the current models/ (the old set) out of the way
     if not in_place and (models.exists() or models.is_symlink()):
@@ -454,22 +402,22 @@ def _roll_forward(paths: Paths, j: dict[str, Any]) -> None:
             _set_aside(paths, models, j["run_id"])  # neither old (already aside) nor new: keep it, but not here
         else:
             os.rename(models, n.old_dir)
-            _fsync_dir(root)
+            fsync_dir(root)
     _crash_point("after_old_moved")
     # 3b. the staged set in
     if new["models"] and not in_place:
         os.rename(n.staged, models)
-        _fsync_dir(root)
-        _fsync_dir(n.staged.parent)
+        fsync_dir(root)
+        fsync_dir(n.staged.parent)
     _crash_point("after_new_moved")
     # 4. the config
     if new["config"]:
         if _file_hash(paths.config) != new["hashes"][CONFIG_KEY]:
             os.replace(n.new_config, paths.config)
-            _fsync_dir(root)
+            fsync_dir(root)
     elif paths.config.exists():
         paths.config.unlink()
-        _fsync_dir(root)
+        fsync_dir(root)
     _crash_point("after_config")
     got = hash_state(paths)
     if got != new["hashes"]:
@@ -477,6 +425,8 @@ def _roll_forward(paths: Paths, j: dict[str, Any]) -> None:
             f"after switching to {j['op']} {j['run_id']} the deployed files do not match the journal "
             f"({_diff(got, new['hashes'])}); journal kept at {paths.journal}"
         )
+    if "meta" in j:  # a deploy by apply(): recorded once, also when recovery completes a killed one
+        _append_history(paths, {**j["meta"], "run_id": j["run_id"], "hashes": new["hashes"]})
     # 5-7
     j = {**j, "state": "done"}
     _write_journal(paths, j)
@@ -488,7 +438,7 @@ def _finish(paths: Paths, j: dict[str, Any]) -> None:
     """Steps 6-7: drop the journal, then the old copies (leftovers of a kill here are swept later)."""
     n = _names(paths, j)
     paths.journal.unlink(missing_ok=True)
-    _fsync_dir(paths.root)
+    fsync_dir(paths.root)
     _crash_point("after_journal_removed")
     _cleanup(paths, n)
     _crash_point("after_cleanup")
@@ -501,7 +451,7 @@ def _cleanup(paths: Paths, n: _Names) -> None:
     # the staged set was renamed into models/: drop its now empty run folder (a set moved back here is kept)
     if run_stage.parent == paths.staging and run_stage.is_dir() and not any(run_stage.iterdir()):
         run_stage.rmdir()
-    _fsync_dir(paths.root)
+    fsync_dir(paths.root)
 
 
 def _roll_back(paths: Paths, j: dict[str, Any]) -> None:
@@ -524,14 +474,14 @@ def _roll_back(paths: Paths, j: dict[str, Any]) -> None:
         else:
             n.staged.parent.mkdir(parents=True, exist_ok=True)
             os.rename(models, n.staged)
-            _fsync_dir(root)
-            _fsync_dir(n.staged.parent)
+            fsync_dir(root)
+            fsync_dir(n.staged.parent)
 
     if old["models"]:
         if n.old_dir.exists():
             _evict_models()
             os.rename(n.old_dir, models)
-            _fsync_dir(root)
+            fsync_dir(root)
         # else models/ was never moved aside: it still is the old set
     else:
         _evict_models()
@@ -540,10 +490,10 @@ def _roll_back(paths: Paths, j: dict[str, Any]) -> None:
             if not n.old_config.is_file():
                 raise DeployError(f"cannot roll back config.json: the copy {n.old_config} is missing")
             os.replace(n.old_config, paths.config)
-            _fsync_dir(root)
+            fsync_dir(root)
     elif paths.config.exists():
         paths.config.unlink()
-        _fsync_dir(root)
+        fsync_dir(root)
     got = hash_state(paths)
     if got != old["hashes"]:
         raise DeployError(
@@ -552,10 +502,10 @@ def _roll_back(paths: Paths, j: dict[str, Any]) -> None:
         )
     _crash_point("rollback_applied")
     paths.journal.unlink(missing_ok=True)
-    _fsync_dir(root)
+    fsync_dir(root)
     for p in (n.new_config, n.old_config):
         _rmtree(p)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def _diff(got: dict[str, str], want: dict[str, str]) -> str:
@@ -588,8 +538,12 @@ def _prepare_staged(paths: Paths, run_id: str, staged_models: Path) -> Path:
     return target
 
 
-def _switch(paths: Paths, run_id: str, staged_models: Path | None, new_config: bytes | None, op: str
-            ) -> dict[str, str]:
+def _switch(paths: Paths, run_id: str, staged_models: Path | None, new_config: bytes | None, op: str,
+            keep_models: bool = False, meta: dict[str, Any] | None = None) -> dict[str, str]:
+    """The journaled switch. ``keep_models``: the new set's models are the deployed ones (a config-only change):
+    they are recorded in the journal as the new models, found in place, and never moved. ``meta``: what
+    :func:`apply` records in the deploy history once the new set is in place (kept in the journal so that a
+    recovery that completes the switch records it too)."""
     if paths.journal.exists():
         raise DeployError(f"{paths.journal} exists: an earlier switch was interrupted; call recover() first")
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -597,8 +551,10 @@ def _switch(paths: Paths, run_id: str, staged_models: Path | None, new_config: b
     staged = _prepare_staged(paths, run_id, staged_models) if staged_models is not None else None
     new_hashes: dict[str, str] = {}
     if staged is not None:
-        _fsync_tree(staged)
-        new_hashes.update(_hash_dir(staged))
+        fsync_tree(staged)
+        new_hashes.update(hash_dir(staged, MODELS_PREFIX))
+    elif keep_models:
+        new_hashes.update(hash_dir(paths.models, MODELS_PREFIX))
     if new_config is not None:
         new_hashes[CONFIG_KEY] = hashlib.sha256(new_config).hexdigest()
     new_hashes = dict(sorted(new_hashes.items()))
@@ -616,13 +572,21 @@ def _switch(paths: Paths, run_id: str, staged_models: Path | None, new_config: b
         "staged": staged_rec.resolve().relative_to(root).as_posix() if staged_rec.resolve().is_relative_to(root)
         else str(staged_rec),
         "old": {"models": old_has_models, "config": old_has_config, "hashes": old_hashes},
-        "new": {"models": staged is not None, "config": new_config is not None, "hashes": new_hashes},
+        "new": {"models": staged is not None or (keep_models and old_has_models), "config": new_config is not None,
+                "hashes": new_hashes},
+        **({"meta": meta} if meta is not None else {}),
     }
     n = _names(paths, j)
     if new_config is not None:
-        _write_atomic(n.new_config, new_config)
+        atomic_write_bytes(n.new_config, new_config)
     if old_has_config:
-        _write_atomic(n.old_config, paths.config.read_bytes())
+        atomic_write_bytes(n.old_config, paths.config.read_bytes())
+        # both copies get the deployed file's mode before either is renamed onto config.json: a switch (or its
+        # rollback) never changes who may read the config (e.g. 0644 for the bot's user)
+        mode = stat.S_IMODE(os.stat(paths.config).st_mode)
+        for p in (n.new_config, n.old_config):
+            if p.is_file():
+                os.chmod(p, mode)
     _crash_point("before_journal")
     _write_journal(paths, j)
     _crash_point("after_journal")
@@ -695,3 +659,155 @@ def restore(paths: Paths, backup: Backup) -> None:
     if not verify(paths, backup.hashes):
         raise DeployError(f"after restoring {backup.path} the deployed files do not match its hashes.json "
                           f"({_diff(hash_state(paths), backup.hashes)})")
+
+
+# --------------------------------------------------------------------------------------------------- apply
+HISTORY = "deploy_history.jsonl"
+GIT_FILES = ("config.json", "models/manifest.json")
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """What :func:`apply` did: the new state's hashes and one line each for the backup, the registry and git."""
+
+    run_id: str
+    hashes: dict[str, str]
+    backup: Backup
+    registry: str
+    git: str
+
+
+def _scores_text(scores: Mapping[str, Any]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else "none" if v is None else str(v)
+
+    return ", ".join(f"{k} {fmt(v)}" for k, v in scores.items()) or "none"
+
+
+def message(run_id: str, reason: str, scores: Mapping[str, Any], details: str = "") -> str:
+    """The registry / git message of a deploy: the reason as title, then the run id, the scores and the details."""
+    return f"{reason}\n\nrun {run_id}; scores: {_scores_text(scores)}" + (f"\n\n{details}" if details else "")
+
+
+def apply(paths: Paths, run_id: str, staged_models: Path | None, new_config: str | bytes | None, *, reason: str,
+          scores: Mapping[str, Any], registry: Registry, details: str = "", git_commit: bool | None = None,
+          extra_files: Mapping[str, Path] | None = None, keep_backups: int | None = None) -> Deployed:
+    """THE way to change the deployed state (the weekly commit, the retrain scripts, ``sweep --apply``).
+
+    ``staged_models=None`` keeps the deployed models, ``new_config=None`` the deployed config.json (a retrain changes
+    only models, a sweep only the config). In this order, each step durable before the next:
+
+    1. a backup of the deployed state under ``backups/<run_id>/`` (idempotent: a resumed run keeps its first one);
+    2. a registry version of the NEW set (models/, config.json, manifest.json and ``extra_files``) tagged ``run_id``,
+       unless that tag exists already (a resumed run): the registry's history then always holds what is deployed.
+       A :class:`ops.hub.HubError` here leaves the deployed state untouched;
+    3. the journaled atomic switch (:func:`commit`; :func:`recover` completes or undoes it after a kill);
+    4. one line in ``deploy_history.jsonl`` (what was deployed, why, the scores, the registry version), written by
+       the switch once the new set is in place, so a switch that recovery completes after a kill is recorded too;
+    5. with ``git_commit`` (None = when the root is a git work tree) a git commit of config.json and
+       models/manifest.json with the run id and the scores in the message (a failure there is reported, the deploy
+       stands: it is already in the registry);
+    6. with ``keep_backups``, all but that many newest backups are pruned.
+
+    The caller holds the run lock and has called :func:`recover` (a pending journal is refused).
+    """
+    _check_run_id(run_id)
+    if paths.journal.exists():
+        raise DeployError(f"{paths.journal} exists: an earlier switch was interrupted; call recover() first")
+    b = backup(paths, run_id)
+    config = new_config.encode("utf-8") if isinstance(new_config, str) else new_config
+    if config is None and paths.config.is_file():
+        config = paths.config.read_bytes()
+    models_src = Path(staged_models) if staged_models is not None else paths.models
+    text = message(run_id, reason, scores, details)
+    if run_id in registry.tags():
+        hub = f"tag {run_id} already in {registry.describe()} (resumed commit)"
+    else:
+        push = paths.staging / f".push-{run_id}"
+        _rmtree(push)
+        if models_src.is_dir():
+            shutil.copytree(models_src, push / "models")
+            if (models_src / "manifest.json").is_file():
+                shutil.copy2(models_src / "manifest.json", push / "manifest.json")
+        push.mkdir(parents=True, exist_ok=True)
+        if config is not None:
+            (push / CONFIG_KEY).write_bytes(config)
+        for name, src in (extra_files or {}).items():
+            shutil.copy2(src, push / name)
+        try:
+            commit_id = registry.push(push, text, run_id)
+        finally:
+            _rmtree(push)
+        hub = f"pushed {commit_id} to {registry.describe()} with tag {run_id}"
+    _crash_point("after_push")
+    meta = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "reason": reason,
+            "scores": json.loads(json.dumps(dict(scores), default=str)), "registry": hub, "backup": str(b.path)}
+    hashes = _switch(paths, run_id, staged_models, config, "apply", keep_models=staged_models is None, meta=meta)
+    git = record_in_git(paths, text, git_commit)
+    if keep_backups is not None:
+        prune_backups(paths, keep_backups)
+    return Deployed(run_id, hashes, b, hub, git)
+
+
+def _append_history(paths: Paths, entry: dict[str, Any]) -> None:
+    """One JSON line per deploy, appended and fsynced (a torn last line from a kill is skipped by readers); a
+    recovery that redoes the step after a kill does not write it twice."""
+    if any(h.get("run_id") == entry["run_id"] and h.get("hashes") == entry["hashes"] for h in history(paths)):
+        return
+    with open(paths.root / HISTORY, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def history(paths: Paths) -> list[dict[str, Any]]:
+    """The deploys recorded by :func:`apply`, oldest first."""
+    p = paths.root / HISTORY
+    out = []
+    for line in p.read_text(encoding="utf-8").splitlines() if p.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- git
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def in_git_work_tree(root: Path) -> bool:
+    """True when ``root`` lies inside a git work tree (the default of ``pipeline.git_commit``)."""
+    try:
+        r = _git(root, "rev-parse", "--is-inside-work-tree")
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return r.returncode == 0 and r.stdout.strip() == "true"
+
+
+def record_in_git(paths: Paths, message: str, enabled: bool | None) -> str:
+    """Commit config.json and models/manifest.json (only those: other staged changes are left alone) in the git work
+    tree holding the root; one line saying what happened. Nothing to commit (already recorded) is not an error."""
+    if enabled is False:
+        return "off (pipeline.git_commit is false)"
+    if not in_git_work_tree(paths.root):
+        if enabled:
+            log.warning("pipeline.git_commit is on but %s is not a git work tree: nothing committed", paths.root)
+        return "off (not a git work tree)"
+    files = [f for f in GIT_FILES if (paths.root / f).is_file()]
+    ident: list[str] = []
+    if not _git(paths.root, "config", "user.email").stdout.strip():
+        ident = ["-c", "user.name=weekly-optimizer", "-c", "user.email=weekly-optimizer@localhost"]
+    steps = (["add", "-f", "--", *files], [*ident, "commit", "-q", "-m", message, "--only", "--", *files])
+    if _git(paths.root, "diff", "--quiet", "HEAD", "--", *files).returncode == 0 and \
+            _git(paths.root, "ls-files", "--error-unmatch", "--", *files).returncode == 0:
+        return "git: config.json and the manifest are already committed"
+    for args in steps:
+        r = _git(paths.root, *args)
+        if r.returncode != 0:
+            err = (r.stderr or r.stdout).strip().splitlines()
+            log.warning("git %s failed: %s", args[len(ident)], err[-1] if err else r.returncode)
+            return f"git commit failed: {err[-1] if err else r.returncode}"
+    sha = _git(paths.root, "rev-parse", "--short", "HEAD").stdout.strip()
+    return f"git commit {sha} ({', '.join(files)})"

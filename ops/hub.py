@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from core.config import redact, secrets
 from core.errors import UserError
+from core.io import atomic_write_json, fsync_dir, fsync_tree, sha256_file
 from core.paths import Paths
 
 if TYPE_CHECKING:
@@ -60,18 +61,19 @@ def _check_tag(tag: str) -> None:
 
 
 def _files_of(folder: Path) -> dict[str, Path]:
-    """Relative posix path -> file, for every file below ``folder``; :class:`HubError` if it is not a folder."""
+    """Relative posix path -> file, for every file below ``folder``; :class:`HubError` if it is not a folder or if
+    it holds a secret (the model signing key, a ``.env``): those never leave the machine, whatever the caller built.
+    """
+    from ml.models.manifest import KEY_FILE
+
     if not folder.is_dir():
         raise HubError(f"cannot push {folder}: not a directory")
-    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+    secret = [rel for rel, p in files.items() if p.name in (KEY_FILE, ".env")]
+    if secret:
+        raise HubError(f"refusing to push {folder}: it holds {secret[0]} (the model signing key or secrets never "
+                       f"leave the machine)")
+    return files
 
 
 def _prepare_dest(dest: Path) -> Path:
@@ -158,7 +160,7 @@ class LocalRegistry(Registry):
         if not message.strip():
             raise HubError("commit message must not be empty")
         files = _files_of(Path(folder))
-        hashes = {rel: _sha256(p) for rel, p in files.items()}
+        hashes = {rel: sha256_file(p) for rel, p in files.items()}
         versions = self.path / "versions"
         versions.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.path / ".lock"), timeout=60):
@@ -172,8 +174,7 @@ class LocalRegistry(Registry):
                 dst = tmp / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, dst)
-                with open(dst, "rb+") as fh:
-                    os.fsync(fh.fileno())
+            fsync_tree(tmp)
             target = versions / tag
             if target.exists():
                 old = versions / f".old-{tag}-{os.getpid()}"
@@ -182,6 +183,7 @@ class LocalRegistry(Registry):
                 shutil.rmtree(old)
             else:
                 os.rename(tmp, target)
+            fsync_dir(versions)
             entry = {"id": commit_id, "parent": parent, "message": message, "tag": tag, "time": created,
                      "files": hashes}
             with open(self._log_path, "a", encoding="utf-8") as fh:
@@ -190,11 +192,7 @@ class LocalRegistry(Registry):
                 os.fsync(fh.fileno())
             refs["head"] = commit_id
             refs["tags"][tag] = commit_id
-            tmp_refs = self._refs_path.with_name(f".refs.json.tmp.{os.getpid()}")
-            tmp_refs.write_text(json.dumps(refs, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            with open(tmp_refs, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp_refs, self._refs_path)
+            atomic_write_json(self._refs_path, refs, sort_keys=True)
         log.info("pushed %s to %s as %s (%s)", folder, self.describe(), tag, commit_id[:8])
         return commit_id
 

@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 
 from core.errors import EXIT_LOCKED, UserError
 from core.paths import Paths
@@ -45,13 +46,14 @@ def _read_holder(fd: int) -> str:
 
 
 @contextmanager
-def run_lock(paths: Paths) -> Iterator[int]:
-    """Hold the root's run lock for the ``with`` block; yields the fd (for tests / diagnostics).
+def run_lock(paths: Paths, lock_path: Path | None = None, holder: str = "optimizer run") -> Iterator[int]:
+    """Hold the root's run lock for the ``with`` block; yields the fd (for tests / diagnostics). ``lock_path`` /
+    ``holder`` give another lock of the same kind (the live bot: one instance per account).
 
     Raises :class:`LockedError` immediately (non-blocking) if another process holds it: a cron job that overlaps a
     long manual run must not queue up behind it.
     """
-    lock_path = paths.lock
+    lock_path = Path(lock_path) if lock_path is not None else paths.lock
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -60,9 +62,9 @@ def run_lock(paths: Paths) -> Iterator[int]:
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            holder = _read_holder(fd)
+            who = _read_holder(fd)
             raise LockedError(
-                f"another optimizer run holds the lock {lock_path} ({holder}); "
+                f"another {holder} holds the lock {lock_path} ({who}); "
                 "wait for it to finish (the lock is released automatically when that process exits)"
             ) from None
         os.ftruncate(fd, 0)

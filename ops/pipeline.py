@@ -19,24 +19,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from core.config import Config, config_to_json, load_config, parse_config, secrets
-from core.errors import UserError
-from core.paths import Paths
+from core.config import Config, config_to_json, load_config, parse_config, redact_url, secrets
+from core.errors import TooFewTrades, UserError
+from core.io import atomic_write, atomic_write_json, atomic_write_text, copy_file_atomic, sha256_file
+from core.paths import Paths, remove_stale_temp_files
 from market.dataset import Dataset, build_dataset, lookahead_self_check
 from ops import deploy
+from ops.failure import end_failed_run
 from ops.report import RunReport, telegram_text
 
 log = logging.getLogger("weekly")
 
-PHASES: list[tuple[int, str]] = [
-    (1, "preflight+baseline"), (2, "data"), (3, "dataset"), (4, "shap"), (5, "signal study"),
-    (6, "position study"), (7, "signal models"), (8, "position model"), (9, "sl/tp models"), (10, "risk model"),
-    (11, "config sweep"), (12, "oos evaluation"), (13, "commit or rollback"),
-]
 QUICK_HISTORY_DAYS = 365
 # SHAP on a seeded row sample: ranks are stable at this size (checked on the real data) and it keeps phase 4 cheap
 # (TreeExplainer on 600-tree boosters costs ~7 ms per row and class here).
@@ -57,9 +54,26 @@ class RunOptions:
     n_trials: int | None = None
     storage: str | None = None
     phases: list[int] | None = None
+    # "as of" time (ISO, UTC): the candle source ends there, only bars closed at or before it exist for the run
+    # (the walk-forward replay runs past Sundays through this same code path; see market.data.closed_by)
+    cutoff: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """What state.json and report.json keep: a storage URL's password is never written (see :func:`resumed`)."""
+        out = dict(self.__dict__)
+        if out.get("storage"):
+            out["storage"] = redact_url(out["storage"])
+        return out
+
+    def resumed(self, cli: RunOptions) -> RunOptions:
+        """These (stored) options for ``--resume``; the storage URL comes back from the resume's own ``--storage``
+        when the stored one lost its password to redaction."""
+        if self.storage and ":***@" in self.storage:
+            if not cli.storage or redact_url(cli.storage) != self.storage:
+                raise UserError(f"--resume: this run used --storage {self.storage}; its password is never stored: "
+                                "pass the same --storage URL again")
+            self.storage = cli.storage
+        return self
 
 
 @dataclass
@@ -99,13 +113,12 @@ class RunContext:
 
     @property
     def entry_cfg(self) -> Config:
-        """The run config with the entry threshold at the profile's minimum: the position and SL/TP models learn
-        from every position the sweep could open (it may choose any threshold inside the profile's bounds), and at
-        the active threshold there are often too few simulated trades to learn exits from."""
+        """The run config with the entry threshold at the profile's minimum (:func:`ml.models.specs.entry_config`):
+        what the position study and the position and SL/TP models learn from."""
         if "entry_cfg" not in self._cache:
-            raw = self.run_cfg.model_dump(mode="json")
-            raw["trading"]["confidence_threshold"] = self.run_cfg.profile.confidence_threshold.min
-            self._cache["entry_cfg"] = parse_config(raw, "run config (entry threshold)")
+            from ml.models.specs import entry_config
+
+            self._cache["entry_cfg"] = entry_config(self.run_cfg)
         return self._cache["entry_cfg"]
 
     def pruner(self) -> Any:
@@ -130,11 +143,8 @@ class RunContext:
         return self._cache["ds"]
 
     def write_json(self, name: str, obj: Any) -> Path:
-        p = self.run_dir / name
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-        os.replace(tmp, p)
-        return p
+        """Write a phase output durably (a kill or power cut leaves the old file or the new one)."""
+        return atomic_write_json(self.run_dir / name, obj, default=str)
 
     def read_json(self, name: str) -> Any:
         p = self.run_dir / name
@@ -150,9 +160,10 @@ def _metrics_of(result_metrics: dict[str, Any]) -> dict[str, Any]:
     return json_safe(result_metrics)
 
 
-def _backtest(models_dir: Path, cfg: Config, ds: Dataset, windows: dict[str, tuple[int, int]]
-              ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Fast backtests of the model set in ``models_dir`` with ``cfg``'s trading params on several windows."""
+def _backtest(models_dir: Path, cfg: Config, ds: Dataset, windows: dict[str, tuple[int, int]],
+              keep: dict[str, Any] | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Fast backtests of the model set in ``models_dir`` with ``cfg``'s trading params on several windows
+    (``keep`` receives the prepared arrays under ``"arrays"``: the signal probabilities for the direction check)."""
     from backtest.engine import prepare_arrays, run_arrays
     from backtest.policy import make_params
     from ml.models.bundle import load_bundle
@@ -160,6 +171,8 @@ def _backtest(models_dir: Path, cfg: Config, ds: Dataset, windows: dict[str, tup
     bundle = load_bundle(models_dir, ds.feature_names)
     arrays = prepare_arrays(ds.candles, ds.features, bundle, cfg)
     params = make_params(cfg)
+    if keep is not None:
+        keep["arrays"] = arrays
     out, results = {}, {}
     for name, (s, e) in windows.items():
         run = run_arrays(arrays, params, s, e)
@@ -179,17 +192,41 @@ def _has_models(folder: Path) -> bool:
     return (folder / "manifest.json").is_file()
 
 
-def _save(folder: Path, key: str, obj: Any, ds: Dataset, *, feature_names: list[str], params: Any, metrics: Any,
-          kind: str, seed: int) -> dict[str, Any]:
-    from ml.models.manifest import save_model
+def _staged_keys(ctx: RunContext) -> set[str]:
+    try:
+        return set(json.loads((ctx.staging / "manifest.json").read_text()).get("models", {}))
+    except (OSError, ValueError):
+        return set()
 
-    sp = ds.splits
-    idx = ds.candles.index
-    train_range = {"start": str(idx[int(sp.train[0])]), "end": str(idx[int(sp.train[-1])]),
-                   "oos_start": str(idx[sp.oos_start])}
-    return save_model(folder, key, obj, feature_names=feature_names, train_range=train_range,
-                      data_hash=ds.data_hash(np.arange(0, int(sp.train[-1]) + 1)), params=params, seed=seed,
-                      metrics=metrics, kind=kind)
+
+_PhaseFn = Callable[[RunContext, dict[str, Any]], None]
+
+
+def _degradable(label: str, fallback: str, needs: tuple[str, ...] = ()) -> Callable[[_PhaseFn], _PhaseFn]:
+    """An optional model's phase: too few trades to train it (or a missing prerequisite model) is not a failed run.
+
+    The run goes on without that model, which the backtester, the sweep and the bot already handle (no exit model;
+    SL/TP from ``trading.fixed_sl_atr`` / ``fixed_tp_atr``; risk multiplier 1.0), and the report says so, the way a
+    skipped position study already degrades to default parameters. The gate still decides on the result."""
+
+    def wrap(fn: _PhaseFn) -> _PhaseFn:
+        def phase(ctx: RunContext, s: dict[str, Any]) -> None:
+            missing = [k for k in needs if k not in _staged_keys(ctx)]
+            try:
+                if missing:
+                    raise TooFewTrades(f"it needs the {', '.join(missing)} model(s), not trained in this run")
+                fn(ctx, s)
+            except TooFewTrades as exc:
+                note = f"{label} not trained ({exc}); {fallback}"
+                s["skipped"] = str(exc)
+                s["fallback"] = fallback
+                ctx.report.data.setdefault("notes", []).append(note)
+                log.warning("%s", note)
+
+        phase.__doc__, phase.__name__ = fn.__doc__, fn.__name__
+        return phase
+
+    return wrap
 
 
 # ------------------------------------------------------------------------------------------------ phases
@@ -209,21 +246,29 @@ def phase_preflight(ctx: RunContext, s: dict[str, Any]) -> None:
         "hub": "huggingface" if cfg.hub.repo_id and "HF_TOKEN" in present else "local registry",
         "telegram": "telegram" if {"TELEGRAM_TOKEN", "TELEGRAM_CHAT_ID"} <= set(present) else "file",
     }
-    (ctx.run_dir / "config.old.json").write_text(paths.config.read_text())
+    copy_file_atomic(paths.config, ctx.run_dir / "config.old.json")
     b = deploy.backup(paths, ctx.run_id)
     s["backup"] = {"path": str(b.path), "hashes": b.hashes}
     ctx.report.set("models_before", b.hashes)
+    from ops.bot.runner import since_last_deploy
+
+    ctx.report.set("live", since_last_deploy(paths))  # what the deployed set did in the bot since its deploy
     if not _has_models(paths.models):
         s["baseline"] = None
         s["note"] = "no deployed models: first run, only the absolute floors apply"
         return
+    from ml.models.manifest import ModelIntegrityError, verify
+
     try:
         from market.data import load_candles
 
-        candles = load_candles(ctx.run_cfg, paths, ctx.options.data, ctx.options.demo)
+        verify(paths.models)  # signature + hashes of the deployed set itself (errors name models/, not the backup)
+        candles = load_candles(ctx.run_cfg, paths, ctx.options.data, ctx.options.demo, cutoff=ctx.options.cutoff)
         ds = build_dataset(candles, ctx.run_cfg)
         m, _ = _backtest(b.models_dir, cfg, ds, {"full": _oos_windows(ds)["full"]})
         s["baseline"] = m["full"]
+    except ModelIntegrityError:
+        raise  # unsigned, forged or modified: a security event, never "no baseline" (see ml.models.manifest)
     except UserError as exc:
         s["baseline"] = None
         s["note"] = f"the deployed models could not be evaluated ({exc}); only the floors apply"
@@ -238,7 +283,7 @@ def _source_name(cfg: Config) -> str:
 
 def phase_data(ctx: RunContext, s: dict[str, Any]) -> None:
     """MT5 connectivity check + candle refresh (or the file / demo source); validated, stored atomically."""
-    from market.data import refresh, resolve_source
+    from market.data import closed_by, refresh, resolve_source
     from market.data.store import read_store, store_path
     from market.data.validate import trim_history, validate
 
@@ -248,11 +293,11 @@ def phase_data(ctx: RunContext, s: dict[str, Any]) -> None:
             and real_store.exists()):
         # No live source configured, but real history was imported (refresh_data.py --data FILE): use it rather
         # than the demo; there is nothing to refresh it from.
-        stored = read_store(real_store)
+        stored = closed_by(read_store(real_store, cfg.data.max_rows), opts.cutoff)
         f, rep = trim_history(*validate(stored, cfg, str(real_store)), cfg)
         source, new_bars, is_demo = f"store {real_store.name} (no live source configured)", 0, False
     else:
-        res = refresh(cfg, ctx.paths, opts.data, opts.demo)
+        res = refresh(cfg, ctx.paths, opts.data, opts.demo, cutoff=opts.cutoff)
         rep, f, source, new_bars, is_demo = res.report, res.frame, res.source, res.new_bars, res.is_demo
     info = {"source": source + (" (DEMO)" if is_demo else ""), "rows": int(len(f)),
             "start": str(f.index[0]), "end": str(f.index[-1]), "new_bars": new_bars,
@@ -263,7 +308,7 @@ def phase_data(ctx: RunContext, s: dict[str, Any]) -> None:
     s.update(info)
     ctx.report.set("data", info)
     ctx.report.data["demo"] = is_demo
-    f.to_parquet(ctx.run_dir / "candles.parquet")
+    atomic_write(ctx.run_dir / "candles.parquet", f.to_parquet)
 
 
 def phase_dataset(ctx: RunContext, s: dict[str, Any]) -> None:
@@ -293,12 +338,14 @@ def phase_shap(ctx: RunContext, s: dict[str, Any]) -> None:
     cfg = ctx.run_cfg
     models = None
     if _has_models(ctx.paths.models):
-        try:
-            from ml.models.manifest import load_model
+        from ml.models.manifest import ModelIntegrityError, load_model
 
+        try:
             models = {m: underlying(load_model(ctx.paths.models, f"signal_{m}", ds.feature_names))
                       for m in SIGNAL_MODELS}
             s["models"] = "deployed"
+        except ModelIntegrityError:
+            raise  # never degrade around a set that fails its integrity check
         except UserError as exc:
             log.warning("SHAP on fresh default models: deployed ones unusable (%s)", exc)
     if models is None:
@@ -312,16 +359,7 @@ def phase_shap(ctx: RunContext, s: dict[str, Any]) -> None:
     rep = shap_report(models, ds.X[ds.splits.train], ds.feature_names, cfg.features.protected,
                       ctx.run_dir / "shap", previous=previous, seed=cfg.tuning.seed, sample=SHAP_ROWS,
                       rf_sample=SHAP_ROWS_RF)
-    flags = rep.get("flags", {})
-    lines = []
-    if flags.get("leakage_suspects"):
-        lines.append(f"LEAKAGE SUSPECT (one feature holds most importance): {', '.join(flags['leakage_suspects'])}")
-    if flags.get("drop_candidates"):
-        lines.append(f"near zero in all three models (candidates, not dropped): {', '.join(flags['drop_candidates'])}")
-    if flags.get("protected_near_zero"):
-        lines.append(f"protected, near zero (kept): {', '.join(flags['protected_near_zero'])}")
-    for rc in flags.get("rank_changes", [])[:10]:
-        lines.append(f"rank change: {rc}")
+    lines = rep["flag_lines"]
     s["flags"] = lines
     s["mean_rank_agreement"] = rep.get("mean_rank_agreement")
     s["previous"] = str(previous) if previous else None
@@ -394,60 +432,45 @@ def phase_position_study(ctx: RunContext, s: dict[str, Any]) -> None:
     _publish_study(ctx, "position", res, s)
 
 
+def _train_spec(ctx: RunContext, name: str, cfg: Config, params: dict[str, Any] | None) -> Any:
+    """Train one row of the model table into the run's staging set (the same path the retrain scripts use)."""
+    from ml.models.specs import SPECS, train_and_save
+
+    ds = ctx.dataset()
+    return train_and_save(SPECS[name], ds, cfg, ctx.staging, params, demo=ds.is_demo)
+
+
 def phase_signal_models(ctx: RunContext, s: dict[str, Any]) -> None:
     """Retrain RF, XGB and LGB with the tuned parameters, then ``calibrate_models()``; saved to staging."""
-    from ml.models.signal import train_signal
     from ml.tune.common import load_best_params
 
-    ds, cfg = ctx.dataset(), ctx.run_cfg
-    staging = ctx.staging
-    for f in staging.glob("*"):  # a resumed phase starts from a clean staging set
+    for f in ctx.staging.glob("*"):  # a resumed phase starts from a clean staging set
         f.unlink()
-    out = train_signal(ds, cfg, params=load_best_params(ctx.run_dir, "signal"))
-    for m, model in out["models"].items():
-        _save(staging, f"signal_{m}", model, ds, feature_names=ds.feature_names, params=out["params"][m],
-              metrics={k: v.get(m) if isinstance(v, dict) else v for k, v in out["metrics"].items()},
-              kind="signal", seed=out["seed"])
-    s["metrics"] = out["metrics"].get("val", {}).get("ensemble")
-    s["timings_s"] = out.get("timings_s")
+    out = _train_spec(ctx, "signal", ctx.run_cfg, load_best_params(ctx.run_dir, "signal"))
+    s["metrics"] = out.metrics.get("val", {}).get("ensemble")
+    s["timings_s"] = out.extra.get("timings_s")
 
 
+@_degradable("position model", "no exit model: positions close at SL, TP or trading.max_holding_bars")
 def phase_position_model(ctx: RunContext, s: dict[str, Any]) -> None:
     """Retrain the position (exit) model; needs the staged signal models."""
-    from backtest.policy import POSITION_STATE_FEATURES
-    from ml.models.position import train_position
     from ml.tune.common import load_best_params
 
-    ds, cfg = ctx.dataset(), ctx.entry_cfg
     tuned = ctx.run_dir / "best_params_position.json"
     params = load_best_params(ctx.run_dir, "position") if tuned.exists() else None
-    model, metrics = train_position(ds, cfg, ctx.staging, params=params)
-    _save(ctx.staging, "position", model, ds, feature_names=[*POSITION_STATE_FEATURES, *model.market_features],
-          params=params, metrics=metrics, kind="position", seed=cfg.tuning.seed)
-    s["metrics"] = metrics.get("val")
+    s["metrics"] = _train_spec(ctx, "position", ctx.run_cfg, params).metrics.get("val")
 
 
+@_degradable("SL/TP model", "SL/TP from config trading.fixed_sl_atr / fixed_tp_atr", ("position",))
 def phase_sltp_models(ctx: RunContext, s: dict[str, Any]) -> None:
     """Retrain the LightGBM SL/TP regressors; need the staged signal and position models."""
-    from ml.models.sltp import train_sltp
-
-    ds, cfg = ctx.dataset(), ctx.entry_cfg
-    model, metrics = train_sltp(ds, cfg, ctx.staging)
-    _save(ctx.staging, "sl_tp", model, ds, feature_names=ds.feature_names, params=getattr(model, "params", None),
-          metrics=metrics, kind="sl_tp", seed=cfg.tuning.seed)
-    s["metrics"] = metrics
+    s["metrics"] = _train_spec(ctx, "sl_tp", ctx.run_cfg, None).metrics
 
 
+@_degradable("risk model", "risk multiplier 1.0", ("position", "sl_tp"))
 def phase_risk_model(ctx: RunContext, s: dict[str, Any]) -> None:
     """Retrain the risk-multiplier model on account-state labels from a full backtest; needs SL/TP."""
-    from backtest.policy import ACCOUNT_STATE_FEATURES
-    from ml.models.risk import train_risk
-
-    ds, cfg = ctx.dataset(), ctx.run_cfg
-    model, metrics = train_risk(ds, cfg, ctx.staging)
-    _save(ctx.staging, "risk", model, ds, feature_names=list(ACCOUNT_STATE_FEATURES),
-          params=getattr(model, "params", None), metrics=metrics, kind="risk", seed=cfg.tuning.seed)
-    s["metrics"] = metrics
+    s["metrics"] = _train_spec(ctx, "risk", ctx.run_cfg, None).metrics
 
 
 def phase_sweep(ctx: RunContext, s: dict[str, Any]) -> None:
@@ -469,7 +492,7 @@ def phase_sweep(ctx: RunContext, s: dict[str, Any]) -> None:
     raw = ctx.cfg.model_dump(mode="json")  # config.json as deployed; only the swept trading values change
     raw["trading"].update(chosen)
     candidate = parse_config(raw, "candidate config")
-    (ctx.run_dir / "config.candidate.json").write_text(config_to_json(candidate))
+    atomic_write_text(ctx.run_dir / "config.candidate.json", config_to_json(candidate))
     change = {k: (getattr(old, k) if k != "sessions" else list(old.sessions), chosen[k]) for k in chosen}
     info = {"fraction": cfg.splits.sweep_fraction, "n_combos": res.n_combos, "n_eligible": res.n_eligible,
             "min_trades": res.min_trades, "top": top_rows(res), "kept_current": res.best is None}
@@ -486,7 +509,9 @@ def phase_evaluate(ctx: RunContext, s: dict[str, Any]) -> None:
     ds = ctx.dataset()
     w = {k: v for k, v in _oos_windows(ds).items() if k in ("full", "holdout")}
     cand = load_config(ctx.run_dir / "config.candidate.json")
-    new, new_res = _backtest(ctx.staging, cand, ds, w)
+    kept: dict[str, Any] = {}
+    new, new_res = _backtest(ctx.staging, cand, ds, w, keep=kept)
+    base_res: dict[str, Any] | None = None
     ev: dict[str, Any] = {"new_full": new["full"], "new_holdout": new["holdout"]}
     curves = {"new": new_res["full"].equity}
     backup_models = ctx.paths.backups / ctx.run_id / "models"
@@ -498,61 +523,101 @@ def phase_evaluate(ctx: RunContext, s: dict[str, Any]) -> None:
             curves["baseline"] = base_res["full"].equity
         except UserError as exc:
             ev["baseline_error"] = str(exc)
-    new_res["full"].trades.to_csv(ctx.run_dir / "trades_new.csv", index=False)
+    atomic_write(ctx.run_dir / "trades_new.csv", lambda tmp: new_res["full"].trades.to_csv(tmp, index=False))
     plot_equity(ctx.run_dir / "equity_baseline_vs_new.png", curves["new"], baseline=curves.get("baseline"),
                 title=f"OOS equity, new vs deployed ({ctx.run_id})" + (" - DEMO DATA" if ds.is_demo else ""))
     ctx.write_json("evaluation.json", ev)
     s.update({k: {"score": v.get("score"), "trades": v.get("trades")} for k, v in ev.items() if isinstance(v, dict)})
     ctx.report.set("evaluation", ev)
+    evidence = _evidence(ctx, ds, ev, new_res, base_res, kept["arrays"], w["full"])
+    ctx.write_json("evidence.json", evidence)
+    s["evidence"] = {k: v.get("reason") or "ok" for k, v in evidence.items() if isinstance(v, dict) and "ok" in v}
+    ctx.report.set("evidence", evidence)
+
+
+def _evidence(ctx: RunContext, ds: Dataset, ev: dict[str, Any], new_res: dict[str, Any],
+              base_res: dict[str, Any] | None, arrays: Any, full: tuple[int, int]) -> dict[str, Any]:
+    """The gate's five pieces of evidence (``backtest.stats``) plus their two pictures.
+
+    1. paired block bootstrap of the daily-return difference new - deployed, on the full OOS window and on the
+       holdout alone; 2. deflated Sharpe ratio of the new set on the full OOS window, N = Optuna trials + sweep rows,
+       the variance of the sweep's Sharpe ratios; 3. PBO of the sweep (CSCV on its daily-return matrix); 4. the
+       holdout results of both; 5. the signal's directional skill on the OOS bars (labels there are never trained
+       on). Numbers that cannot be computed carry their reason; the gate treats them as failed conditions."""
+    from backtest import stats as st
+    from backtest.plots import plot_bootstrap, plot_cscv
+    from backtest.sweep import load_sweep_returns
+
+    g = ctx.cfg.pipeline.gate
+    t0 = time.perf_counter()
+
+    def daily(res: dict[str, Any]) -> dict[str, np.ndarray]:
+        return {k: st.result_daily_returns(r.equity, r.params.initial_equity) for k, r in res.items()}
+
+    rep = ctx.report.data
+    n_optuna = sum(int((rep.get(k) or {}).get("n_trials") or 0) for k in ("optuna_signal", "optuna_position"))
+    s0, e0 = full
+    lab = ds.labels.iloc[s0:e0]
+    out = st.gate_evidence(daily(new_res), daily(base_res) if base_res is not None else None,
+                           load_sweep_returns(ctx.run_dir), n_optuna,
+                           {"new": ev.get("new_holdout"), "baseline": ev.get("baseline_holdout")},
+                           (arrays.p_long[s0:e0], arrays.p_short[s0:e0], lab["label"].to_numpy(),
+                            lab["valid"].to_numpy()),
+                           resamples=g.bootstrap_resamples, seed=g.bootstrap_seed, pbo_blocks=g.pbo_blocks,
+                           **({"no_baseline": f"the deployed set could not be evaluated: {ev['baseline_error']}"}
+                              if "baseline_error" in ev else {}))
+    demo = " - DEMO DATA" if ds.is_demo else ""
+    pb, pbo = out["paired_full"], out["pbo"]
+    if pb.get("ok"):
+        plot_bootstrap(ctx.run_dir / "gate_bootstrap.png", pb["_means"], pb["observed_mean"], pb["prob_better"],
+                       title=f"New vs deployed, full OOS{demo}")
+    if pbo.get("ok"):
+        plot_cscv(ctx.run_dir / "gate_cscv.png", pbo["_rank_pairs"], pbo["_logits"], pbo["pbo"],
+                  title=f"Sweep overfitting (CSCV){demo}")
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return st.strip_private(out)
 
 
 def phase_commit(ctx: RunContext, s: dict[str, Any]) -> None:
-    """Gate; then push to the Hub and switch atomically, or restore the backup. Always report."""
-    from backtest.metrics import Floors, gate
+    """Gate; then deploy (registry version, atomic switch, git commit: :func:`ops.deploy.apply`) or restore the
+    backup. Always report."""
+    from backtest.metrics import Floors, GateRules, gate
     from ops.hub import HubError, make_registry
 
     cfg, paths = ctx.cfg, ctx.paths
     ev = ctx.read_json("evaluation.json")
+    evidence_file = ctx.run_dir / "evidence.json"
+    evidence = json.loads(evidence_file.read_text()) if evidence_file.exists() else None
     baseline = ev.get("baseline_full")
     new = ev["new_full"]
-    dec = gate(new, baseline, Floors.from_profile(cfg.profile), cfg.pipeline.gate_improvement)
+    dec = gate(new, baseline, Floors.from_profile(cfg.profile), rules=GateRules.from_config(cfg.pipeline),
+               evidence=evidence)
     b_score = None if baseline is None else baseline.get("score")
-    if b_score is None:
-        arith = f"first run: floors only (trades {new['trades']} >= {cfg.profile.min_trades}, max DD " \
-                f"{new['max_drawdown_pct']:.2f}% <= {cfg.profile.max_drawdown_pct}%)"
-    elif b_score > 0:
-        arith = f"new {new['score']:.4f} >= baseline {b_score:.4f} x {1 + cfg.pipeline.gate_improvement:.2f} " \
-                f"= {dec.threshold:.4f}" if dec.threshold is not None else dec.reason
-    else:
-        arith = f"new {new['score']:.4f} >= baseline {b_score:.4f} + {cfg.pipeline.gate_improvement} x " \
-                f"|{b_score:.4f}| = {dec.threshold:.4f}" if dec.threshold is not None else dec.reason
-    ctx.report.set("gate", {"passed": dec.passed, "reason": dec.reason, "threshold": dec.threshold,
-                            "arithmetic": arith})
+    ctx.report.set("gate", dec.to_dict())
     backup = deploy.load_backup(paths, ctx.run_id)
     action, reason = ("commit", dec.reason) if dec.passed else ("rollback", dec.reason)
+    title = f"weekly {ctx.run_id}: score {new['score']:.4f} vs baseline " \
+            f"{'none' if b_score is None else f'{b_score:.4f}'}"
+    scores = {"score": new["score"], "baseline": b_score, "trades": new["trades"],
+              "max_drawdown_pct": new["max_drawdown_pct"]}
     if ctx.options.dry_run:
         action, reason = f"dry-run ({action} skipped)", f"dry run: would {action}: {dec.reason}"
     elif dec.passed and _already_deployed(ctx):
         s["deployed"] = deploy.hash_state(paths)
         s["hub"] = "already pushed and deployed (resumed after the switch)"
+        s["git"] = deploy.record_in_git(paths, deploy.message(ctx.run_id, title, scores, dec.arithmetic),
+                                        cfg.pipeline.git_commit)
         ctx.report.set("models", s["deployed"])
     elif dec.passed:
         try:
-            push_dir = _push_folder(ctx)
-            registry = make_registry(cfg, paths)
-            if ctx.run_id in registry.tags():
-                s["hub"] = f"tag {ctx.run_id} already in {registry.describe()} (resumed commit)"
-            else:
-                msg = (f"weekly {ctx.run_id}: score {new['score']:.4f} vs baseline "
-                       f"{'none' if b_score is None else f'{b_score:.4f}'}\n\n{arith}")
-                commit_id = registry.push(push_dir, msg, ctx.run_id)
-                s["hub"] = f"pushed {commit_id} to {registry.describe()} with tag {ctx.run_id}"
-            _crash_point("after_push")
-            new_hashes = deploy.commit(paths, ctx.run_id, ctx.staging,
-                                       (ctx.run_dir / "config.candidate.json").read_text())
-            s["deployed"] = new_hashes
-            ctx.report.set("models", {k: v for k, v in new_hashes.items()})
-            ctx.report.set("model_hash", new_hashes.get("models/manifest.json"))
+            ctx.report.save()
+            done = deploy.apply(paths, ctx.run_id, ctx.staging, (ctx.run_dir / "config.candidate.json").read_text(),
+                                reason=title, scores=scores, details=dec.arithmetic,
+                                registry=make_registry(cfg, paths), git_commit=cfg.pipeline.git_commit,
+                                extra_files={"report.md": ctx.run_dir / "report.md"})
+            s["hub"], s["git"], s["deployed"] = done.registry, done.git, done.hashes
+            ctx.report.set("models", dict(done.hashes))
+            ctx.report.set("model_hash", done.hashes.get("models/manifest.json"))
         except HubError as exc:
             action, reason = "rollback", f"gate passed but the Hub push failed: {exc}"
     if action == "rollback":
@@ -576,23 +641,10 @@ def _already_deployed(ctx: RunContext) -> bool:
     intent = ctx.run_dir / "deploy_intent.json"
     if not intent.exists():
         expected = deploy.hash_models_dir(ctx.staging)
-        expected["config.json"] = deploy.sha256_file(ctx.run_dir / "config.candidate.json")
+        expected["config.json"] = sha256_file(ctx.run_dir / "config.candidate.json")
         ctx.write_json("deploy_intent.json", {"hashes": dict(sorted(expected.items()))})
         return False
     return deploy.verify(ctx.paths, json.loads(intent.read_text())["hashes"])
-
-
-def _push_folder(ctx: RunContext) -> Path:
-    """What goes to the Hub: the staged models (+ manifest), the candidate config and the report."""
-    d = ctx.paths.staging / ctx.run_id / "push"
-    if d.exists():
-        shutil.rmtree(d)
-    shutil.copytree(ctx.staging, d / "models")
-    shutil.copy2(ctx.run_dir / "config.candidate.json", d / "config.json")
-    shutil.copy2(ctx.staging / "manifest.json", d / "manifest.json")
-    ctx.report.save()
-    shutil.copy2(ctx.run_dir / "report.md", d / "report.md")
-    return d
 
 
 def _notify(ctx: RunContext) -> None:
@@ -600,17 +652,30 @@ def _notify(ctx: RunContext) -> None:
 
     ctx.report.save()
     notifier = make_notifier(ctx.cfg, ctx.paths, ctx.run_dir)
-    png = [p for p in (ctx.run_dir / "equity_baseline_vs_new.png",) if p.exists()]
+    png = [p for p in (ctx.run_dir / "equity_baseline_vs_new.png", ctx.run_dir / "gate_bootstrap.png",
+                       ctx.run_dir / "gate_cscv.png") if p.exists()]
     ok = notifier.send(telegram_text(ctx.report.data), png)
     if not ok:
         log.warning("notification failed (the report is in %s)", ctx.run_dir)
 
 
-PHASE_FUNCS: dict[int, Callable[[RunContext, dict[str, Any]], None]] = {
-    1: phase_preflight, 2: phase_data, 3: phase_dataset, 4: phase_shap, 5: phase_signal_study,
-    6: phase_position_study, 7: phase_signal_models, 8: phase_position_model, 9: phase_sltp_models,
-    10: phase_risk_model, 11: phase_sweep, 12: phase_evaluate, 13: phase_commit,
-}
+class Phase(NamedTuple):
+    """One row of the weekly run: its number (the ``--phases`` / ``--resume`` key), name and function."""
+
+    number: int
+    name: str
+    run: Callable[[RunContext, dict[str, Any]], None]
+
+
+PHASES: tuple[Phase, ...] = (
+    Phase(1, "preflight+baseline", phase_preflight), Phase(2, "data", phase_data), Phase(3, "dataset", phase_dataset),
+    Phase(4, "shap", phase_shap), Phase(5, "signal study", phase_signal_study),
+    Phase(6, "position study", phase_position_study), Phase(7, "signal models", phase_signal_models),
+    Phase(8, "position model", phase_position_model), Phase(9, "sl/tp models", phase_sltp_models),
+    Phase(10, "risk model", phase_risk_model), Phase(11, "config sweep", phase_sweep),
+    Phase(12, "oos evaluation", phase_evaluate), Phase(13, "commit or rollback", phase_commit),
+)
+PHASE_NAMES: dict[int, str] = {p.number: p.name for p in PHASES}
 
 
 # ------------------------------------------------------------------------------------------------ run state
@@ -633,13 +698,7 @@ def load_state(paths: Paths, run_id: str) -> dict[str, Any]:
 
 
 def save_state(paths: Paths, run_id: str, state: dict[str, Any]) -> None:
-    p = _state_path(paths, run_id)
-    tmp = p.with_suffix(".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(state, indent=2))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, p)
+    atomic_write_json(_state_path(paths, run_id), state)
 
 
 def unfinished_runs(paths: Paths) -> list[str]:
@@ -654,44 +713,68 @@ def unfinished_runs(paths: Paths) -> list[str]:
     return out
 
 
-def run_pipeline(paths: Paths, options: RunOptions, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) the phases; the caller holds the lock and has called :func:`ops.deploy.recover`."""
+def run_pipeline(paths: Paths, options: RunOptions, resume: bool = False, run_id: str | None = None
+                 ) -> dict[str, Any]:
+    """Run (or resume) the phases; the caller holds the lock and has called :func:`ops.deploy.recover`.
+
+    ``run_id``: the new run's id instead of the clock's (the replay names each run after its Sunday)."""
     if resume:
         pending = unfinished_runs(paths)
         if not pending:
             raise UserError(f"{paths.results}: no unfinished run to resume")
         run_id = pending[-1]
         state = load_state(paths, run_id)
-        options = RunOptions(**state["options"])
+        options = RunOptions(**state["options"]).resumed(options)
         log.info("resuming run %s after phase(s) %s", run_id, state["completed"])
     else:
+        load_config(paths.config)  # an unreadable or invalid config.json stops here: no run folder, no phase
         for rid in unfinished_runs(paths):
             log.warning("run %s did not finish; starting a new run (use --resume to continue it)", rid)
             st = load_state(paths, rid)
             st["finished"] = True
             st["abandoned"] = True
             save_state(paths, rid, st)
-        run_id = new_run_id()
-        while (paths.results / run_id).exists():
-            time.sleep(1.0)
+        if run_id is not None:
+            if (paths.results / run_id / "state.json").exists():
+                raise UserError(f"{paths.results / run_id}: run {run_id} exists already")
+        else:
             run_id = new_run_id()
-        (paths.results / run_id).mkdir(parents=True)
+            while (paths.results / run_id).exists():
+                time.sleep(1.0)
+                run_id = new_run_id()
+        (paths.results / run_id).mkdir(parents=True, exist_ok=True)
         state = {"run_id": run_id, "options": options.to_dict(), "completed": [], "finished": False}
         save_state(paths, run_id, state)
     cfg_path = paths.results / run_id / "config.old.json"
     cfg = load_config(cfg_path if cfg_path.exists() else paths.config)
     report = RunReport(paths.results / run_id, run_id, demo=options.demo)
+    if report.data.pop("failure", None) is not None:  # a resumed failed run: its notes keep the earlier failure
+        report.data["decision"] = None
     report.set("options", options.to_dict())
     ctx = RunContext(paths=paths, run_id=run_id, options=options, report=report, cfg=cfg)
-    wanted = options.phases or [n for n, _ in PHASES]
-    for number, name in PHASES:
-        if number in state["completed"] or number not in wanted:
-            continue
-        with report.phase(number, name) as summary:
-            PHASE_FUNCS[number](ctx, summary)
-        state["completed"].append(number)
-        save_state(paths, run_id, state)
-        _crash_point(f"after_phase_{number}")
+    wanted = options.phases or [p.number for p in PHASES]
+    current = (0, "start")
+    try:
+        for name in remove_stale_temp_files(paths):
+            log.warning("removed %s (left by a killed write)", name)
+        for number, name, run in PHASES:
+            if number in state["completed"] or number not in wanted:
+                continue
+            current = (number, name)
+            with report.phase(number, name) as summary:
+                run(ctx, summary)
+            state["completed"].append(number)
+            save_state(paths, run_id, state)
+            _crash_point(f"after_phase_{number}")
+    except (Exception, KeyboardInterrupt) as exc:
+        # Every failure ends like a rollback: state verified against the backup, failure report + notification,
+        # exit 4 (5 when the state cannot be verified). See ops/failure.py.
+        intent_file = ctx.run_dir / "deploy_intent.json"
+        try:
+            intent = json.loads(intent_file.read_text())["hashes"] if intent_file.exists() else None
+        except (OSError, ValueError, KeyError):
+            intent = None
+        raise end_failed_run(paths, run_id, cfg, report, current, exc, intent) from None
     state["finished"] = True
     save_state(paths, run_id, state)
     report.save()

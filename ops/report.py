@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from core.config import redact
+from core.io import atomic_write_text
 
 log = logging.getLogger("weekly")
 
@@ -70,10 +70,8 @@ class RunReport:
     def save(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         text = json.dumps(_redacted(self.data), indent=2, default=str)  # string leaves only: JSON stays valid
-        tmp = self.run_dir / "report.json.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, self.run_dir / "report.json")
-        (self.run_dir / "report.md").write_text(redact(render_markdown(self.data)))
+        atomic_write_text(self.run_dir / "report.json", text)
+        atomic_write_text(self.run_dir / "report.md", redact(render_markdown(self.data)))
 
 
 def _redacted(obj: Any) -> Any:
@@ -121,11 +119,7 @@ def render_markdown(d: dict[str, Any]) -> str:
         lines.append("")
         for img in ("equity_baseline_vs_new.png",):
             lines.append(f"![equity]({img})\n")
-    gate = d.get("gate")
-    if gate:
-        lines.append("## Gate\n")
-        lines.append(f"`{gate.get('arithmetic', '')}` → **{'PASS' if gate.get('passed') else 'FAIL'}**: "
-                     f"{gate.get('reason', '')}\n")
+    lines.extend(why_this_decision(d))
     cfgd = d.get("config_change")
     if cfgd:
         lines.append("## Config: old → chosen\n\n| parameter | old | chosen |\n|---|---|---|")
@@ -165,22 +159,144 @@ def render_markdown(d: dict[str, Any]) -> str:
         for k, v in models.items():
             lines.append(f"| {k} | `{str(v)[:16]}` |")
         lines.append("")
+    live = d.get("live")
+    if live:
+        lines.append(f"## Since the last deploy (live bot, set `{live['set']}`)\n")
+        lines.append("| bot | from | to | bars | trades | net profit | return % | win rate | parity checks | "
+                     "mismatches |\n|---|---|---|---|---|---|---|---|---|---|")
+        for b in live["bots"]:
+            lines.append(f"| {b['bot']} | {b['from']} | {b['to']} | {b['bars']} | {b['trades']} | "
+                         f"{_fmt(b['net_profit'], 2)} | {_fmt(b['return_pct'], 2)} | {_fmt(b['win_rate'], 3)} | "
+                         f"{b['parity_checks']} | {b['parity_mismatches']} |")
+        pm = (live.get("promised") or {}).get("metrics")
+        if pm:
+            lines.append(f"\nIts backtest promised (run {live['promised']['run_id']}, full OOS): "
+                         f"return {_fmt(pm.get('return_pct'), 2)} %, max DD {_fmt(pm.get('max_drawdown_pct'), 2)} %, "
+                         f"{pm.get('trades')} trades.")
+        for b in live["bots"]:
+            lines.extend(f"- parity mismatch ({b['bot']}) {m}" for m in b["mismatch_lines"])
+        lines.append("")
     if d.get("notes"):
         lines.append("## Notes\n")
         lines.extend(f"- {n}" for n in d["notes"])
     return "\n".join(lines) + "\n"
 
 
+_NAMES = {"min_trades": "enough trades", "max_drawdown": "drawdown floor", "min_score": "makes money",
+          "improvement": "2% better score", "prob_better": "beats the deployed set", "dsr": "better than luck",
+          "pbo": "sweep not overfit", "holdout": "holdout not worse"}
+
+
+def _num(v: Any, nd: int = 3) -> str:
+    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def _pct(v: Any) -> str:
+    return "-" if not isinstance(v, (int, float)) else f"{100 * v:.4f}%"
+
+
+def _evidence_line(ev: dict[str, Any], key: str, label: str, text: Callable[[dict[str, Any]], str]) -> str:
+    """One bullet for one piece of evidence: ``text(entry)`` when it was computed, else why it was not (every piece
+    says the same "not computed (reason)", so that a reader can scan for what is missing)."""
+    entry = ev.get(key) or {}
+    if entry.get("ok"):
+        return f"- {text(entry)}"
+    return f"- {label}: not computed ({entry.get('reason')})"
+
+
+def why_this_decision(d: dict[str, Any]) -> list[str]:
+    """The "Why this decision" section: every gate condition with its number, threshold, pass/fail and meaning,
+    then the evidence behind them (including the directional skill, which is reported but not gated) and the two
+    pictures."""
+    gate = d.get("gate")
+    if not gate:
+        return []
+    ev = d.get("evidence") or {}
+    mode = gate.get("mode", "seed")
+    what = ("the seed rule and floors only" if mode == "seed"
+            else "seed rule, floors and the evidence of how much the run searched")
+    lines = ["## Why this decision\n",
+             f"Gate mode **{mode}** ({what}): **{'PASS' if gate.get('passed') else 'FAIL'}**. "
+             f"{gate.get('reason', '')}\n",
+             "| condition | number | threshold | result | what it means |", "|---|---|---|---|---|"]
+    for c in gate.get("conditions", []):
+        lines.append(f"| {_NAMES.get(c['name'], c['name'])} (`{c['name']}`) | {_num(c.get('value'))} | "
+                     f"{_num(c.get('threshold'))} | {'pass' if c.get('passed') else '**FAIL**'} | {c.get('meaning')} |")
+    lines.append("")
+    if ev:
+        lines.append("### The evidence\n")
+        for key, label in (("paired_full", "Paired bootstrap, full OOS"), ("paired_holdout", "Paired bootstrap, "
+                                                                                               "holdout alone")):
+            def paired(p: dict[str, Any], label: str = label) -> str:
+                ci = p.get("ci95") or [None, None]
+                return (f"{label}: P(new beats deployed) = {_num(p.get('prob_better'))} over "
+                        f"{p.get('n_days')} days (block {p.get('block')} days, {p.get('resamples')} resamples, "
+                        f"seed {p.get('seed')}); mean daily difference {_pct(p.get('observed_mean'))} "
+                        f"(95%: {_pct(ci[0])} .. {_pct(ci[1])})")
+
+            lines.append(_evidence_line(ev, key, label, paired))
+        lines.append(_evidence_line(ev, "dsr", "Deflated Sharpe ratio", lambda ds: (
+            f"Deflated Sharpe ratio {_num(ds.get('dsr'))}: annual Sharpe "
+            f"{_num(ds.get('sharpe_annual'), 2)} over {ds.get('n_days')} days "
+            f"(skew {_num(ds.get('skew'), 2)}, kurtosis "
+            f"{_num(ds.get('kurtosis'), 2)}) against {_num(ds.get('sr0_annual'), 2)}, the best of "
+            f"N = {ds.get('n_trials')} pure-luck tries ({ds.get('n_optuna_trials')} Optuna trials + "
+            f"{ds.get('n_sweep_rows')} sweep rows; near-copies make N an upper bound)")))
+        lines.append(_evidence_line(ev, "pbo", "PBO", lambda pb: (
+            f"PBO {_num(pb.get('pbo'))} (CSCV, {pb.get('n_configs')} sweep configurations, "
+            f"{pb.get('blocks')} blocks of {pb.get('block_days')} days, {pb.get('n_splits')} splits); "
+            f"the in-sample winner lost money out of sample in {_num(pb.get('prob_oos_loss'))} of them")))
+        ho = ev.get("holdout") or {}
+        for who in ("new", "baseline"):
+            m = ho.get(who)
+            if m:
+                lines.append(f"- Holdout alone, {'new' if who == 'new' else 'deployed'} set: return "
+                             f"{_num(m.get('return_pct'), 2)}%, max DD {_num(m.get('max_drawdown_pct'), 2)}%, "
+                             f"{m.get('trades')} trades, score {_num(m.get('score'))}")
+        lines.extend(_direction_lines(ev.get("direction") or {}))
+        lines.append("")
+        for img, alt in (("gate_bootstrap.png", "bootstrap"), ("gate_cscv.png", "cscv")):
+            if (ev.get("paired_full" if alt == "bootstrap" else "pbo") or {}).get("ok"):
+                lines.append(f"![{alt}]({img})\n")
+    return lines
+
+
+def _direction_lines(dr: dict[str, Any]) -> list[str]:
+    if not dr:
+        return []
+    rest = (f"one-vs-rest AUC long {_num(dr.get('long_vs_rest'))}, short {_num(dr.get('short_vs_rest'))} (these "
+            f"can exceed 0.5 from timing volatility alone)")
+    if not dr.get("ok"):
+        return [f"- Directional skill: not computed ({dr.get('reason')}); {rest}"]
+    ci = dr.get("ci95") or [None, None]
+    verdict = "no directional edge" if ci[0] is not None and ci[0] <= 0.5 else "some directional edge"
+    return [f"- Directional skill (reported, not gated): long-vs-short AUC {_num(dr.get('long_vs_short'))} "
+            f"(95%: {_num(ci[0])} .. {_num(ci[1])}) over {dr.get('n_decided')} bars where a barrier decided: "
+            f"{verdict}; {rest}"]
+
+
+def telegram_why(d: dict[str, Any]) -> list[str]:
+    """The gate's conditions for Telegram: one line each, pass/fail first, in a trader's words."""
+    gate = d.get("gate") or {}
+    out = [f"Why ({gate.get('mode', 'seed')} gate):"] if gate.get("conditions") else []
+    for c in gate.get("conditions", []):
+        out.append(f"{'PASS' if c.get('passed') else 'FAIL'} {_NAMES.get(c['name'], c['name'])}: {c.get('meaning')}")
+    dr = (d.get("evidence") or {}).get("direction") or {}
+    if dr.get("ok"):
+        ci = dr.get("ci95") or [None, None]
+        out.append(f"Direction (not gated): long-vs-short AUC {_num(dr.get('long_vs_short'))} "
+                   f"[{_num(ci[0])}, {_num(ci[1])}]")
+    return out
+
+
 def telegram_text(d: dict[str, Any]) -> str:
     """A compact plain-text summary for Telegram (the notifier escapes it for the parse mode)."""
     dec = d.get("decision") or {}
     ev = d.get("evaluation") or {}
-    gate = d.get("gate") or {}
     head = "DEMO " if d.get("demo") else ""
     out = [f"{head}Weekly optimizer {d.get('run_id')}: {dec.get('action', '?').upper()}",
            dec.get("reason", "")]
-    if gate:
-        out.append(f"Gate: {gate.get('arithmetic', '')}")
+    out.extend(telegram_why(d))
 
     def m(label: str, key: str) -> None:
         x = ev.get(key)
@@ -200,8 +316,9 @@ def telegram_text(d: dict[str, Any]) -> str:
     data = d.get("data") or {}
     if data.get("gaps"):
         out.append(f"Data gaps: {len(data['gaps'])}")
-    times = ", ".join(f"{p['number']}:{_fmt(p.get('seconds'), 0)}s" for p in sorted(d.get("phases", []),
-                                                                                   key=lambda p: p["number"]))
+    # the text is built while phase 13 still runs (its seconds are not known yet): "13:0s", never "13:Nones"
+    times = ", ".join(f"{p['number']}:{_fmt(float(p.get('seconds') or 0), 0)}s"
+                      for p in sorted(d.get("phases", []), key=lambda p: p["number"]))
     out.append(f"Phases: {times}")
     if d.get("model_hash"):
         out.append(f"Models: {str(d['model_hash'])[:16]}")

@@ -1,23 +1,7 @@
 #!/usr/bin/env python
-"""Retrain the risk model (risk multiplier from the account state) and deploy it atomically.
+"""``retrain-risk`` under its seed spelling: retrain the risk model and deploy (cli.retrain; --help)."""
 
-Needs the signal, position and SL/TP models in ``models/`` (one line on stderr and exit code 2
-otherwise). The steps, options and output are those of ``scripts/retrain_position.py`` (the three
-scripts share its driver):
-
-    python scripts/retrain_risk.py --data ../shared/data/BTCUSDT_15m_2023_2024.csv
-    python scripts/retrain_risk.py --demo --root /tmp/run1 --stage-only
-"""
-
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from core.errors import cli_main  # noqa: E402
-from scripts.retrain_position import main_for  # noqa: E402
+from cli.retrain import risk_entry
 
 if __name__ == "__main__":
-    cli_main(main_for("risk"))
+    risk_entry()

@@ -1,23 +1,7 @@
 #!/usr/bin/env python
-"""Retrain the SL/TP models (stop and target distances in ATR units) and deploy them atomically.
+"""``retrain-sltp`` under its seed spelling: retrain the SL/TP models and deploy (cli.retrain; --help)."""
 
-Needs the signal models and the position model in ``models/`` (one line on stderr and exit code 2
-otherwise). The steps, options and output are those of ``scripts/retrain_position.py`` (the three
-scripts share its driver):
-
-    python scripts/retrain_sltp.py --data ../shared/data/BTCUSDT_15m_2023_2024.csv
-    python scripts/retrain_sltp.py --demo --root /tmp/run1 --stage-only
-"""
-
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from core.errors import cli_main  # noqa: E402
-from scripts.retrain_position import main_for  # noqa: E402
+from cli.retrain import sltp_entry
 
 if __name__ == "__main__":
-    cli_main(main_for("sl_tp"))
+    sltp_entry()

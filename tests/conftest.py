@@ -6,17 +6,15 @@ Module-specific fixtures belong in the test file that uses them.
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
-
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def _shared(name: str) -> Path:
@@ -63,3 +61,23 @@ def digest_tree(root: Path) -> dict[str, str]:
 def snapshot() -> Callable[[Path], dict[str, str]]:
     """``snapshot(root)``: digests of config.json and data/ (compare before/after a run that must write nothing)."""
     return digest_tree
+
+
+@pytest.fixture
+def lock_holder() -> Iterator[Callable[[Path], subprocess.Popen[str]]]:
+    """``lock_holder(root)``: another process holding ``root``'s run lock (started and locked when this returns;
+    killed at teardown). It imports the package as any command does: installed, or PYTHONPATH."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(root: Path) -> subprocess.Popen[str]:
+        code = ("import time\nfrom core.paths import Paths\nfrom ops.lock import run_lock\n"
+                f"with run_lock(Paths.of({str(root)!r})):\n    print('locked', flush=True)\n    time.sleep(120)\n")
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()

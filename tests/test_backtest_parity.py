@@ -14,11 +14,11 @@ from collections import Counter
 import numpy as np
 import pytest
 from _candles import real_btc
+from _helpers import rule_models_on_real_btc, tripping_params
 
 from backtest.engine import prepare_arrays, run_arrays, run_fast, run_replay, run_step
 from backtest.policy import TRIP_REASONS, make_params, replace_params
 from backtest.rules import RuleSignal, toy_exit_model, toy_risk_model
-from core.config import default_config
 from market.features import build_features
 
 START, END = 1000, 6000  # 5,000 bars after the feature warm-up
@@ -26,14 +26,9 @@ START, END = 1000, 6000  # 5,000 bars after the feature warm-up
 
 @pytest.fixture(scope="module")
 def setup():  # noqa: ANN201
-    cfg = default_config()
-    candles = real_btc(END)
-    feats = build_features(candles, cfg)
-    pred = RuleSignal(list(feats.columns), sltp_rule=True, exit_model=toy_exit_model(feats, seed=11),
-                      risk_model=toy_risk_model(seed=12))
+    cfg, candles, feats, pred = rule_models_on_real_btc(END)
     # breakers tuned so that all three trip inside the window, the 25 % drawdown halt late (bar ~5,600)
-    p = replace_params(make_params(cfg), risk_percent=1.0, confidence_threshold=0.6, daily_loss_limit_pct=1.0,
-                       max_consecutive_losses=3, cooldown_bars=8, max_drawdown_halt_pct=25.0)
+    p = tripping_params(cfg, max_drawdown_halt_pct=25.0)
     return cfg, candles, feats, pred, p
 
 

@@ -13,7 +13,7 @@ from _candles import REAL_BTC, REPO, real_btc
 
 from backtest.engine import run_fast, run_step
 from backtest.rules import RuleSignal
-from backtest.run import LABEL_IN_SAMPLE, LABEL_OOS, main
+from cli.backtest import LABEL_IN_SAMPLE, LABEL_OOS, main
 from core.config import config_to_json, default_config
 from core.errors import UserError, cli_main
 from market.features import feature_names

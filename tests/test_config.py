@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_data_validate import run_refresh
 
 from core.config import (
     Bounds,
@@ -29,16 +30,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 def raw_default() -> dict:
     return json.loads(config_to_json(default_config()))
-
-
-def run_refresh(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "refresh_data.py"), "--root", str(root), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.fixture
@@ -96,7 +87,7 @@ def test_defaults_round_trip_and_repo_config_is_valid() -> None:
         (("data", "max_gap_minutes"), 5, "data.max_gap_minutes: value 5 out of range: must be >= 15"),
         (("data", "max_closure_gap_minutes"), 20_000, "value 20000 out of range: must be <= 10080"),
         (("data", "market_closures"), "holidays", "value 'holidays' not allowed: expected 'none' or 'weekends'"),
-        (("data", "history_days"), "long", "data.history_days: Input should be a valid integer"),
+        (("data", "history_days"), "long", 'data.history_days: expected an integer, got a string "long"'),
         (("risk_profile",), "yolo", "risk_profile: value 'yolo' not allowed"),
         (("trading", "sessions"), ["asia"], "is not one of the 'moderate' profile's session_sets"),
     ],
@@ -146,3 +137,80 @@ def test_secrets_come_from_environment_and_are_redacted(tmp_path: Path, monkeypa
     assert got["MT5_PASSWORD"] == "from-env-wins" and got["HF_TOKEN"] == "hf_abcdef123"
     assert "MT5_LOGIN" not in got
     assert redact("token hf_abcdef123 and from-env-wins") == "token *** and ***"
+
+
+# ------------------------------------------------------------------------------------------------- strictness
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("trading", "risk_percent", "1.0", 'trading.risk_percent: expected a number, got a string "1.0"'),
+        ("splits", "oos_weeks", True, "splits.oos_weeks: expected an integer, got a boolean true"),
+        ("splits", "oos_weeks", 2.0, "splits.oos_weeks: expected an integer, got a number 2.0"),
+        ("trading", "risk_percent", False, "trading.risk_percent: expected a number, got a boolean false"),
+        ("trading", "initial_equity", float("inf"), "trading.initial_equity: value inf is not a finite number"),
+        ("profiles", "moderate", None, "profiles.moderate: expected an object, got null"),
+        ("tuning", "pruning", 1, "tuning.pruning: expected true or false, got an integer 1"),
+    ],
+)  # fmt: skip
+def test_no_coercion_and_finite_numbers_only(tmp_path: Path, section: str, key: str, value: object,
+                                             message: str) -> None:
+    raw = raw_default()
+    raw[section][key] = value
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))  # json writes inf as Infinity, which Python's json accepts by default
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: {message}"), str(err.value)
+
+
+def test_an_integer_is_a_valid_float_setting() -> None:
+    raw = raw_default()
+    raw["trading"]["risk_percent"] = 1
+    assert parse_config(raw).trading.risk_percent == 1.0
+
+
+def test_duplicate_key_is_refused(tmp_path: Path) -> None:
+    text = config_to_json(default_config()).replace('"risk_profile": "moderate",',
+                                                   '"risk_profile": "moderate",\n  "risk_profile": "aggressive",')
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(UserError, match=r"key 'risk_profile' is given twice"):
+        load_config(path)
+
+
+def _garbage(root: Path) -> None:
+    (root / "config.json").write_bytes(bytes(range(256)) * 4)
+
+
+def _folder(root: Path) -> None:
+    (root / "config.json").unlink()
+    (root / "config.json").mkdir()
+
+
+def _infinity(root: Path) -> None:
+    raw = raw_default()
+    raw["trading"]["initial_equity"] = "INF"
+    (root / "config.json").write_text(json.dumps(raw).replace('"INF"', "Infinity"))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [(_garbage, "not a text file"), (_folder, "is a folder, expected a JSON config file"),
+     (_infinity, "trading.initial_equity: value inf is not a finite number")],
+)  # fmt: skip
+def test_unreadable_config_is_one_line_exit_2_for_every_script(tmp_root: Path, make, message: str) -> None:
+    make(tmp_root)
+    res = run_refresh(tmp_root, "--demo")
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.startswith(f"error: {tmp_root / 'config.json'}: ") and message in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_weekly_job_stops_on_an_unreadable_config_before_any_run_starts(tmp_root: Path) -> None:
+    _garbage(tmp_root)
+    weekly = subprocess.run([sys.executable, str(REPO / "scripts" / "weekly_optimize.py"), "--root", str(tmp_root),
+                             "--demo"], capture_output=True, text=True, timeout=120)
+    assert weekly.returncode == 2, weekly.stderr
+    assert weekly.stderr.startswith(f"error: {tmp_root / 'config.json'}: not a text file")
+    assert len(weekly.stderr.strip().splitlines()) == 1
+    assert not list((tmp_root / "results").glob("*/state.json")), "no run starts on an unreadable config"

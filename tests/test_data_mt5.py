@@ -344,3 +344,23 @@ def test_unreachable_bridge_and_missing_login(monkeypatch: pytest.MonkeyPatch, c
         mt5data.fetch(mt5_cfg(port))
     raw = default_config().model_dump(mode="json")
     assert resolve_source(parse_config(raw)) == "demo"  # auto without MT5_LOGIN or a file
+
+
+def test_store_of_another_feed_is_not_mixed_with_mt5_nor_dropped(terminal: Terminal, tmp_root: Path, creds) -> None:
+    """A store imported from a file is neither silently replaced by MT5 history (lost) nor extended with MT5 bars
+    (two feeds mixed): one line naming --replace; with replace the old store is kept under data/replaced/."""
+    from test_data_validate import good_frame, write_csv
+
+    paths = Paths.of(tmp_root)
+    cfg = mt5_cfg(terminal.port)
+    refresh(cfg, paths, data_path=write_csv(good_frame(), tmp_root / "imported.csv"))
+    target = store_path(paths, cfg)
+    before = target.read_bytes()
+    terminal.configure(start_utc=int((pd.Timestamp.now(tz="UTC").floor("15min") - pd.Timedelta(hours=6)).timestamp()))
+    with pytest.raises(UserError, match=r"holds file .*imported.csv, not MT5 history of BTCUSD: .* --replace"):
+        refresh(cfg, paths)
+    assert target.read_bytes() == before
+    res = refresh(cfg, paths, replace=True)
+    assert res.source.startswith("mt5 BTCUSD M15") and len(res.frame) >= 20
+    kept = list((tmp_root / "data" / "replaced").glob("BTCUSD_M15.*.parquet"))
+    assert len(kept) == 1 and kept[0].read_bytes() == before

@@ -106,27 +106,36 @@ def test_duplicate_rows_dropped_with_warning(stored_root: Path, tmp_path: Path, 
     assert res.returncode == 0, res.stderr
     assert "duplicates dropped: 1" in res.stdout
     assert (
-        f"warning: {clean}: line 122 ({ts(120)}): dropped 1 duplicate timestamp(s), keeping the later row" in res.stdout
+        f"warning: {clean}: line 122 ({ts(120)}): dropped 1 duplicate row(s) identical to the next row" in res.stdout
     )
     assert f"rows: {N}" in res.stdout
     assert snapshot(stored_root) == before  # the store holds exactly the de-duplicated (= clean) series
     assert len(read_store(target)) == N
 
 
-def test_conflicting_duplicate_keeps_later_row(tmp_path: Path) -> None:
-    cfg = default_config()
+def test_conflicting_duplicate_is_refused_naming_both_rows(stored_root: Path, tmp_path: Path, snapshot) -> None:
     df = good_frame()
     twin = df.iloc[[50]].copy()
-    twin["volume"] = 999.0
+    twin["close"] = twin["close"] * 0.5  # a second row for the same bar, at -50%
+    twin["low"] = twin["close"]
     dup = pd.concat([df.iloc[:51], twin, df.iloc[51:]], ignore_index=True)
-    frame = load_candles(cfg, Paths.of(tmp_path), data_path=write_csv(dup, tmp_path / "d.csv"))
-    assert len(frame) == N
-    assert frame["real_volume"].iloc[50] == 999.0
-    from market.data.sources import read_file
+    bad = write_csv(dup, tmp_path / "d.csv")
+    assert_rejected(stored_root, bad, snapshot, f"{bad}: line 52 ({ts(50)}) and line 53 ({ts(50)})",
+                    "two rows for the same time with different values", "close=")
 
-    _, report = validate(read_file(tmp_path / "d.csv", cfg), cfg, "d.csv")
-    assert report.duplicates_dropped == 1
-    assert "1 with different values" in report.warnings[0]
+
+def test_bar_in_the_future_stops(stored_root: Path, tmp_path: Path, snapshot) -> None:
+    df = good_frame()
+    df["timestamp_utc"] = pd.date_range("2099-01-01", periods=N, freq="15min").strftime("%Y-%m-%d %H:%M:%S")
+    bad = write_csv(df, tmp_path / "future.csv")
+    assert_rejected(stored_root, bad, snapshot, f"{bad}: line 2 (2099-01-01 00:00 UTC): bar in the future")
+    now = START + pd.Timedelta(minutes=15 * 100)  # the clock of validate(): one bar of slack, not more
+    frame = good_frame().set_index(pd.date_range(START, periods=N, freq="15min", tz="UTC"))
+    frame = frame.drop(columns="timestamp_utc").rename(columns={"volume": "tick_volume"})
+    frame["real_volume"], frame["spread"] = 0.0, 0.0
+    validate(frame.iloc[:102], default_config(), "x", now=now)
+    with pytest.raises(UserError, match=r"x: row 103 \(2024-01-02 01:30 UTC\): bar in the future"):
+        validate(frame.iloc[:103], default_config(), "x", now=now)
 
 
 def test_high_below_low_stops(stored_root: Path, tmp_path: Path, snapshot) -> None:

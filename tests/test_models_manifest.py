@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 
 import joblib
-import lightgbm as lgb
 import numpy as np
 import pytest
+from _toy_models import toy_models
 
-from backtest.policy import ACCOUNT_STATE_FEATURES, POSITION_STATE_FEATURES
 from backtest.predictor import Predictor
 from backtest.trees import predict_batch
+from core.io import parse_tmp_name
 from ml.models.bundle import load_bundle
 from ml.models.manifest import (
     FILES,
@@ -28,12 +28,11 @@ from ml.models.manifest import (
     read_manifest,
     require,
     save_model,
+    sign_manifest,
+    signing_key,
     verify,
 )
-from ml.models.position import PositionModel
-from ml.models.risk import RiskModel
 from ml.models.signal import calibrate_models, ensemble_proba, fit_signal_models, p_long_short
-from ml.models.sltp import SltpModel
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = [f"f{i}" for i in range(6)]
@@ -95,15 +94,15 @@ def test_save_writes_file_and_manifest_atomically(tmp_path: Path, signal_models:
     assert e["created_at"].endswith("+00:00") and e["metrics"]["val"]["f1_macro"] == 0.5
     assert len(e["code_version"]) == 40 or e["code_version"] == "unknown"
     assert stat.S_IMODE((folder / FILES["signal_rf"]).stat().st_mode) == 0o644
-    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]  # no temp files left behind
+    assert not [p for p in folder.iterdir() if parse_tmp_name(p.name)]  # no temp files left behind
     assert verify(folder, feature_names=NAMES).keys() == set(SIGNAL_KEYS)
     X, _ = _xy(50, 9)
     loaded = load_model(folder, "signal_xgb", NAMES)
     assert np.array_equal(loaded.predict_proba(X), signal_models["xgb"].predict_proba(X))
 
-    # a failed save (unpicklable object) changes nothing: the dump happens before any file is touched
+    # a failed save (not a model) changes nothing: the encoding happens before any file is touched
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    with pytest.raises(Exception):  # noqa: B017 - pickling error type varies
+    with pytest.raises(TypeError, match="cannot save a function"):
         save_model(folder, "signal_rf", lambda: 0, feature_names=NAMES, train_range={}, data_hash="", params={},
                    seed=1, metrics={}, kind="x")
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
@@ -127,6 +126,15 @@ def test_each_failure_has_its_own_message(tmp_path: Path, signal_models: dict) -
     msgs["order"] = _messages(lambda: load_model(folder, "signal_rf", swapped))
     assert "different order" in msgs["order"] and "column 0" in msgs["order"]
 
+    sig = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**sig, "signature": {**sig["signature"], "hmac": "0" * 64}}))
+    msgs["bad_signature"] = _messages(lambda: verify(folder))
+    assert "signature does not match its content" in msgs["bad_signature"]
+    (folder / "manifest.json").write_text(json.dumps({k: v for k, v in sig.items() if k != "signature"}))
+    msgs["unsigned"] = _messages(lambda: verify(folder))
+    assert "is not signed" in msgs["unsigned"] and "sign_models.py" in msgs["unsigned"]
+    (folder / "manifest.json").write_text(json.dumps(sig))
+
     path = folder / FILES["signal_lgb"]
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -136,7 +144,7 @@ def test_each_failure_has_its_own_message(tmp_path: Path, signal_models: dict) -
 
     path.unlink()
     msgs["missing_file"] = _messages(lambda: load_model(folder, "signal_lgb", NAMES))
-    assert "signal_lgb.joblib missing" in msgs["missing_file"]
+    assert "signal_lgb.zip missing" in msgs["missing_file"]
 
     (folder / "manifest.json").write_text("{not json")
     msgs["bad_json"] = _messages(lambda: read_manifest(folder))
@@ -152,7 +160,7 @@ def test_tampered_pickle_is_rejected_without_being_unpickled(tmp_path: Path, sig
     _save_signal(folder, signal_models)
     marker = tmp_path / "payload_ran"
     evil_file = tmp_path / "evil.joblib"
-    joblib.dump(Evil(marker), evil_file)
+    joblib.dump(Evil(marker), evil_file)  # written by the test only: the positive control below
     (folder / FILES["signal_rf"]).write_bytes(evil_file.read_bytes())
 
     with pytest.raises(ModelError, match="modified"):
@@ -170,7 +178,7 @@ def test_prerequisite_order_is_enforced(tmp_path: Path, signal_models: dict) -> 
     folder = tmp_path / "models"
     msg = _messages(lambda: require(folder, SIGNAL_KEYS, "position model"))
     assert msg.startswith("position model needs the signal models: ")
-    assert "signal_rf.joblib missing; run scripts/retrain_signal.py first" in msg
+    assert "signal_rf.zip missing; run scripts/retrain_signal.py first" in msg
 
     _save_signal(folder, signal_models)
     assert set(require(folder, SIGNAL_KEYS, "position model")) == set(SIGNAL_KEYS)
@@ -198,14 +206,8 @@ def test_copy_set_seeds_staging_and_removes_stale_files(tmp_path: Path, signal_m
     assert read_manifest(dst)["models"]["signal_rf"]["kind"] == "replaced"
     assert read_manifest(dst)["models"]["signal_xgb"] == read_manifest(src)["models"]["signal_xgb"]
     (src / FILES["signal_lgb"]).write_bytes(b"tampered")  # a damaged deployed set is not propagated
-    with pytest.raises(ModelError, match="signal_lgb.joblib was modified"):
+    with pytest.raises(ModelError, match="signal_lgb.zip was modified"):
         copy_set(src, tmp_path / "staging2")
-
-
-def _booster(X: np.ndarray, y: np.ndarray, objective: str) -> lgb.Booster:
-    params = {"objective": objective, "num_leaves": 4, "min_data_in_leaf": 5, "verbose": -1, "seed": 1,
-              "deterministic": True, "force_row_wise": True, "num_threads": 1}
-    return lgb.train(params, lgb.Dataset(X, y), num_boost_round=10)
 
 
 def test_bundle_is_a_verified_predictor(tmp_path: Path, signal_models: dict) -> None:
@@ -213,13 +215,7 @@ def test_bundle_is_a_verified_predictor(tmp_path: Path, signal_models: dict) -> 
     _save_signal(folder, signal_models)
     rng = np.random.default_rng(3)
     market = ["f1", "f3"]
-    Xp = rng.standard_normal((300, len(POSITION_STATE_FEATURES) + len(market)))
-    pos = PositionModel(booster=_booster(Xp, (Xp[:, 0] > 0).astype(float), "binary"), market_features=market)
-    Xr = rng.standard_normal((300, len(ACCOUNT_STATE_FEATURES)))
-    risk = RiskModel(booster=_booster(Xr, 1 + 0.1 * Xr[:, 0], "regression"), mult_min=0.25, mult_max=1.5)
-    Xs = rng.standard_normal((300, len(NAMES)))
-    sltp = SltpModel(sl_booster=_booster(Xs, 1.5 + 0.1 * Xs[:, 0], "regression"),
-                     tp_booster=_booster(Xs, 2.0 + 0.1 * Xs[:, 1], "regression"), feature_names=NAMES)
+    pos, Xp, risk, Xr, sltp = toy_models(rng, NAMES, market, risk_min=0.25)
     meta = {"train_range": {}, "data_hash": "", "params": {}, "seed": 1, "metrics": {}}
     save_model(folder, "position", pos, feature_names=pos.feature_names, kind="position", **meta)
     save_model(folder, "risk", risk, feature_names=risk.feature_names, kind="risk", **meta)
@@ -243,13 +239,13 @@ def test_bundle_is_a_verified_predictor(tmp_path: Path, signal_models: dict) -> 
         load_bundle(folder, list(reversed(NAMES)))
     # every listed file is checked before anything loads: a bad optional model stops the bundle too
     (folder / FILES["risk"]).write_bytes(b"garbage")
-    with pytest.raises(ModelError, match="risk.joblib was modified"):
+    with pytest.raises(ModelError, match="risk.zip was modified"):
         load_bundle(folder, NAMES)
     for key in ("risk", "position", "sl_tp"):
         (folder / FILES[key]).unlink(missing_ok=True)
-    (folder / "manifest.json").write_text(json.dumps(
-        {**read_manifest(folder), "models": {k: v for k, v in read_manifest(folder)["models"].items()
-                                             if k in SIGNAL_KEYS}}))
+    smaller = {**read_manifest(folder), "models": {k: v for k, v in read_manifest(folder)["models"].items()
+                                                   if k in SIGNAL_KEYS}}
+    (folder / "manifest.json").write_text(json.dumps(sign_manifest(smaller, signing_key(folder=folder))))
     minimal = load_bundle(folder, NAMES)  # only the signal models: the optional parts are None
     assert minimal.sltp(X) is None and minimal.exit_model is None and minimal.risk_model is None
 

@@ -221,7 +221,7 @@ def test_position_metrics_on_a_hand_made_example() -> None:
 
 def test_train_position_requires_the_signal_models(tmp_path: Path) -> None:
     ds = SimpleNamespace(feature_names=[], splits=None)
-    with pytest.raises(UserError, match=r"position model needs the signal models: .*signal_rf\.joblib missing; "
+    with pytest.raises(UserError, match=r"position model needs the signal models: .*signal_rf\.zip missing; "
                                         r"run scripts/retrain_signal\.py first"):
         train_position(ds, default_config(), tmp_path)
 

@@ -175,9 +175,12 @@ def test_risk_model_is_bounded_and_deterministic() -> None:
 
 # ============================================================================================== prerequisites
 def _dummy_models(folder: Path, keys: list[str]) -> None:
-    """Manifest entries + files for ``keys`` (the prerequisite check looks at files and hashes, never unpickles)."""
+    """Manifest entries + files for ``keys`` (the prerequisite check looks at files and hashes, never decodes)."""
+    from sklearn.dummy import DummyClassifier
+
+    placeholder = DummyClassifier().fit([[0.0], [1.0]], [0, 1])
     for k in keys:
-        save_model(folder, k, {"placeholder": k}, feature_names=["x"], train_range={}, data_hash="", params={},
+        save_model(folder, k, placeholder, feature_names=["x"], train_range={}, data_hash="", params={},
                    seed=0, metrics={}, kind="test placeholder")
 
 
@@ -189,13 +192,13 @@ def test_prerequisite_order_is_enforced(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"SL/TP model needs the signal models"):
         train_sltp(ds, default_config(), tmp_path)
     _dummy_models(tmp_path, SIGNAL)
-    with pytest.raises(UserError, match=r"SL/TP model needs the position model: .*position\.joblib missing; "
+    with pytest.raises(UserError, match=r"SL/TP model needs the position model: .*position\.zip missing; "
                                         r"run scripts/retrain_position\.py first"):
         train_sltp(ds, default_config(), tmp_path)
     with pytest.raises(UserError, match=r"risk model needs the position model"):
         train_risk(ds, default_config(), tmp_path)
     _dummy_models(tmp_path, ["position"])
-    with pytest.raises(UserError, match=r"risk model needs the SL/TP model: .*sl_tp\.joblib missing; "
+    with pytest.raises(UserError, match=r"risk model needs the SL/TP model: .*sl_tp\.zip missing; "
                                         r"run scripts/retrain_sltp\.py first"):
         train_risk(ds, default_config(), tmp_path)
 

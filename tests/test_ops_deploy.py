@@ -10,6 +10,8 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import stat
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,18 +20,23 @@ import pytest
 from core.paths import Paths
 from ops.deploy import (
     CRASH_ENV,
+    Deployed,
     DeployError,
+    apply,
     backup,
     commit,
     hash_state,
+    history,
     list_backups,
     load_backup,
     prune_backups,
+    record_in_git,
     recover,
     restore,
     stage_dir,
     verify,
 )
+from ops.hub import LocalRegistry
 
 Snapshot = tuple[dict[str, bytes] | None, bytes | None]
 
@@ -290,3 +297,84 @@ def _staged(paths: Paths, run_id: str, files: dict[str, bytes]) -> Path:
     d = stage_dir(paths, run_id)
     _write_tree(d, files)
     return d
+
+
+# --------------------------------------------------------------------------------------------------- apply
+def _registry(paths: Paths) -> LocalRegistry:
+    return LocalRegistry(paths.root / "registry")
+
+
+def _apply_config(paths: Paths, run_id: str = "sweep-1", git_commit: bool | None = False) -> Deployed:
+    """A config-only deploy (what ``sweep --apply`` does): the deployed models stay."""
+    return apply(paths, run_id, None, NEW_CONFIG, reason="sweep: new trading values", scores={"score": 1.25},
+                 registry=_registry(paths), git_commit=git_commit)
+
+
+def test_apply_config_only_backup_registry_history_and_mode(tmp_path: Path) -> None:
+    paths, old, _ = _setup(tmp_path, first_deploy=False)
+    os.chmod(paths.config, 0o644)
+    before = hash_state(paths)
+    done = _apply_config(paths)
+    assert _snapshot(paths) == (dict(OLD_MODELS), NEW_CONFIG.encode())
+    assert stat.S_IMODE(os.stat(paths.config).st_mode) == 0o644  # the mode of the replaced file is kept
+    assert done.hashes == hash_state(paths) and done.git.startswith("off")
+    # the backup holds the state before; the registry version holds exactly the state after
+    assert load_backup(paths, "sweep-1").hashes == before
+    reg = _registry(paths)
+    assert reg.tags() == ["sweep-1"]
+    got = reg.fetch("sweep-1", tmp_path / "fetched")
+    assert (got / "config.json").read_bytes() == NEW_CONFIG.encode()
+    assert (got / "models" / "sub" / "x.bin").read_bytes() == OLD_MODELS["sub/x.bin"]
+    assert (got / "manifest.json").read_bytes() == OLD_MODELS["manifest.json"]
+    assert "run sweep-1; scores: score 1.2500" in reg.commits()[-1]["message"]
+    [entry] = history(paths)
+    assert entry["run_id"] == "sweep-1" and entry["hashes"] == done.hashes and entry["scores"] == {"score": 1.25}
+    assert not paths.journal.exists() and not list(paths.staging.glob(".push-*"))
+    # a pending journal is refused: recover first
+    _killed_at(lambda: _apply_config(paths, "sweep-2"), "after_journal")
+    with pytest.raises(DeployError, match="recover"):
+        _apply_config(paths, "sweep-3")
+
+
+@pytest.mark.parametrize("point", ["after_push", "before_journal", "after_journal", "after_config", "after_done"])
+def test_kill_during_config_only_apply(tmp_path: Path, point: str) -> None:
+    paths, old, _ = _setup(tmp_path, first_deploy=False)
+    os.chmod(paths.config, 0o640)
+    _killed_at(lambda: _apply_config(paths), point)
+    recover(paths)
+    want = old if point in ("after_push", "before_journal") else (dict(OLD_MODELS), NEW_CONFIG.encode())
+    assert _snapshot(paths) == want
+    assert stat.S_IMODE(os.stat(paths.config).st_mode) == 0o640
+    assert "sweep-1" in _registry(paths).tags()  # the registry got the version before anything switched
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout
+
+
+def test_git_commit_on_deploy_nothing_on_rollback(tmp_path: Path) -> None:
+    paths, old, new = _setup(tmp_path, first_deploy=False)
+    _git(paths.root, "init", "-q")
+    _git(paths.root, "-c", "user.name=t", "-c", "user.email=t@t", "add", "config.json")
+    _git(paths.root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "initial")
+    (paths.root / "notes.txt").write_text("the user's own staged work\n")
+    _git(paths.root, "add", "notes.txt")
+    done = apply(paths, "run1", paths.staging / "run1" / "models", NEW_CONFIG, reason="weekly run1: score 0.9000",
+                 scores={"score": 0.9, "baseline": 0.5}, registry=_registry(paths), git_commit=None)
+    assert _snapshot(paths) == new and done.git.startswith("git commit ")
+    head = _git(paths.root, "log", "-1", "--format=%B")
+    assert head.startswith("weekly run1: score 0.9000") and "run run1" in head and "baseline 0.5000" in head
+    assert _git(paths.root, "show", "HEAD:config.json").encode() == NEW_CONFIG.encode()
+    assert _git(paths.root, "show", "HEAD:models/manifest.json").encode() == NEW_MODELS["manifest.json"]
+    assert sorted(_git(paths.root, "show", "--name-only", "--format=", "HEAD").split()) == \
+        ["config.json", "models/manifest.json"]  # the user's staged file is not swept into the commit
+    assert "notes.txt" in _git(paths.root, "diff", "--cached", "--name-only")
+    n_commits = _git(paths.root, "rev-list", "--count", "HEAD")
+    restore(paths, load_backup(paths, "run1"))  # a rollback commits nothing
+    assert _snapshot(paths) == old
+    assert _git(paths.root, "rev-list", "--count", "HEAD") == n_commits
+    # switched off, or a root outside any work tree: no commit, said so
+    assert record_in_git(paths, "x", False).startswith("off")
+    (tmp_path / "plain").mkdir()
+    outside, _, _ = _setup(tmp_path / "plain", first_deploy=False)
+    assert record_in_git(outside, "x", None) == "off (not a git work tree)"

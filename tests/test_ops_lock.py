@@ -15,15 +15,12 @@ from core.errors import EXIT_LOCKED, UserError
 from core.paths import Paths
 from ops.lock import LockedError, run_lock
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def _holder(root: Path) -> subprocess.Popen[str]:
     """A child process that takes the lock, says so, then waits to be killed."""
     code = textwrap.dedent(
         f"""
-        import sys, time
-        sys.path.insert(0, {str(REPO)!r})
+        import time
         from core.paths import Paths
         from ops.lock import run_lock
         with run_lock(Paths.of({str(root)!r})):
@@ -73,8 +70,6 @@ def test_cli_exit_code(tmp_path: Path) -> None:
     proc = _holder(tmp_path)
     code = textwrap.dedent(
         f"""
-        import sys
-        sys.path.insert(0, {str(REPO)!r})
         from core.errors import cli_main
         from core.paths import Paths
         from ops.lock import run_lock

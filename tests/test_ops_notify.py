@@ -220,3 +220,13 @@ def test_make_notifier_delivers_to_standin(tg: TelegramStandIn, tmp_path: Path, 
     n = make_notifier(cfg, Paths.of(tmp_path), tmp_path / "run")
     assert n.send("a < b & c") is True
     assert tg.delivered("sendMessage")[0].fields["text"] == "a &lt; b &amp; c"
+
+
+def test_telegram_text_times_a_phase_still_running_as_zero_seconds() -> None:
+    """The text is built during phase 13, whose seconds are still None: it must read "13:0s", not "13:Nones"."""
+    from ops.report import telegram_text
+
+    text = telegram_text({"run_id": "r1", "decision": {"action": "commit", "reason": "better"},
+                          "phases": [{"number": 13, "seconds": None}, {"number": 1, "seconds": 2.6}]})
+    assert "Phases: 1:3s, 13:0s" in text
+    assert "None" not in text

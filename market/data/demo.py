@@ -99,9 +99,13 @@ def _season(index: pd.DatetimeIndex) -> np.ndarray:
 
 
 def generate(
-    n_bars: int = 105_120, seed: int = 7, spread_points: float = 1500.0, end: pd.Timestamp = DEMO_END
+    n_bars: int = 105_120, seed: int = 7, spread_points: float = 1500.0, end: pd.Timestamp = DEMO_END,
+    momentum: float = MOMENTUM, level_pull: float = LEVEL_PULL,
 ) -> pd.DataFrame:
-    """``n_bars`` M15 candles ending just before ``end``: the standard frame, ``attrs["demo"] = True``."""
+    """``n_bars`` M15 candles ending just before ``end``: the standard frame, ``attrs["demo"] = True``.
+
+    ``momentum`` is the planted predictable component (module docstring; 0 = none, larger = a stronger edge for
+    tests); ``level_pull`` the pull toward the start price (0 = a pure random walk in logs)."""
     if n_bars < 10:
         raise ValueError("n_bars must be >= 10")
     rng = np.random.default_rng(seed)
@@ -112,9 +116,9 @@ def generate(
     sigma *= BASE_SIGMA / float(np.median(sigma))
 
     eps = rng.standard_t(T_DOF, n_bars) / np.sqrt(T_DOF / (T_DOF - 2.0))
-    u = _ar_filter(eps, (MOMENTUM,) * 4)
+    u = _ar_filter(eps, (float(momentum),) * 4) if momentum else eps
     r = sigma * u
-    close = START_PRICE * np.exp(_ar_filter(r, (1.0 - LEVEL_PULL,)))
+    close = START_PRICE * np.exp(_ar_filter(r, (1.0 - level_pull,)) if level_pull else np.cumsum(r))
     open_ = np.r_[START_PRICE, close[:-1]]
     hi_ext = np.exp(0.6 * sigma * np.abs(rng.standard_normal(n_bars)))
     lo_ext = np.exp(-0.6 * sigma * np.abs(rng.standard_normal(n_bars)))
@@ -142,7 +146,21 @@ def generate(
         index=index,
     )[list(COLUMNS)].astype("float64")
     frame.attrs["demo"] = True
-    frame.attrs["source"] = f"demo (synthetic BTC-like M15, seed {seed}, {n_bars} bars)"
+    kind = "" if momentum == MOMENTUM and level_pull == LEVEL_PULL else f", momentum {momentum:g}"
+    frame.attrs["source"] = f"demo (synthetic BTC-like M15, seed {seed}, {n_bars} bars{kind})"
+    return frame
+
+
+def noise_candles(n_bars: int = 105_120, seed: int = 7, spread_points: float = 0.0,
+                  end: pd.Timestamp = DEMO_END) -> pd.DataFrame:
+    """Pure noise with the demo's realism: the same stochastic volatility (clustering), fat tails, seasonality and
+    activity, but no predictable direction at all (no momentum, no pull toward a level: a random walk in logs).
+
+    Why: a gate must be tested where the right answer is known. On these candles no model, setting or search can
+    have an edge, so every commit is a commit of luck; ``spread_points = 0`` (with zero commission and slippage in
+    the config) removes the trading costs that would otherwise make noise lose and hide a gate that rewards luck."""
+    frame = generate(n_bars, seed, spread_points, end, momentum=0.0, level_pull=0.0)
+    frame.attrs["source"] = f"noise (random walk with volatility clustering, seed {seed}, {n_bars} bars)"
     return frame
 
 

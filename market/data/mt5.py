@@ -117,9 +117,9 @@ def _spec_warnings(info: dict[str, Any], cfg: Config) -> list[str]:
     return out
 
 
-def fetch(cfg: Config, since: pd.Timestamp | None = None, now: pd.Timestamp | None = None) -> FetchResult:
-    """Completed M15 bars of ``cfg.symbol`` from the bar at ``since`` (UTC, inclusive; None = ``history_days``
-    back) up to ``now`` (default: the clock). The terminal is always shut down again."""
+def login_args() -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``initialize``'s ``(args, kwargs)`` from MT5_LOGIN / MT5_PASSWORD / MT5_SERVER / MT5_PATH (environment or
+    .env); the data refresh and the live bot's order path log in the same way."""
     creds = secrets()
     login = creds.get("MT5_LOGIN")
     if not login:
@@ -130,9 +130,17 @@ def fetch(cfg: Config, since: pd.Timestamp | None = None, now: pd.Timestamp | No
         login_no = int(login)
     except ValueError:
         raise UserError("MT5: MT5_LOGIN must be the numeric account number") from None
-    server = creds.get("MT5_SERVER", "")
-    kwargs: dict[str, Any] = {"login": login_no, "password": creds.get("MT5_PASSWORD", ""), "server": server}
+    kwargs: dict[str, Any] = {"login": login_no, "password": creds.get("MT5_PASSWORD", ""),
+                              "server": creds.get("MT5_SERVER", "")}
     args: tuple[Any, ...] = (creds["MT5_PATH"],) if creds.get("MT5_PATH") else ()
+    return args, kwargs
+
+
+def fetch(cfg: Config, since: pd.Timestamp | None = None, now: pd.Timestamp | None = None) -> FetchResult:
+    """Completed M15 bars of ``cfg.symbol`` from the bar at ``since`` (UTC, inclusive; None = ``history_days``
+    back) up to ``now`` (default: the clock). The terminal is always shut down again."""
+    args, kwargs = login_args()
+    login_no, server = kwargs["login"], kwargs["server"]
     now_utc = (now if now is not None else pd.Timestamp.now(tz="UTC")).tz_convert("UTC")
     start_utc = since if since is not None else now_utc - pd.Timedelta(days=cfg.data.history_days)
     symbol = cfg.symbol

@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from core.config import Config
 from core.errors import UserError
@@ -246,8 +247,24 @@ def read_csv_file(path: Path, cfg: Config) -> pd.DataFrame:
     return frame
 
 
+def check_parquet_rows(path: Path, max_rows: int, what: str = "Parquet file") -> int:
+    """The row count from the Parquet footer (nothing decoded); :class:`UserError` beyond ``max_rows``.
+
+    Why before reading: a few MB of Parquet (dictionary/RLE encoded) can expand to tens of millions of rows and
+    several GB, and ``read_table`` would die with MemoryError (or get the process killed) instead of one line."""
+    try:
+        rows = int(pq.ParquetFile(path).metadata.num_rows)
+    except Exception as exc:  # pyarrow raises several types for a cut or foreign file
+        raise UserError(f"{path}: not a readable Parquet file (truncated or not Parquet?): {exc}") from None
+    if rows > max_rows:
+        raise UserError(f"{path}: {what} has {rows:,} rows, more than data.max_rows={max_rows:,}: refused before "
+                        "reading (raise data.max_rows in config.json if this is really candle history)")
+    return rows
+
+
 def read_parquet_file(path: Path, cfg: Config) -> pd.DataFrame:
     """A Parquet file with the standard columns (a DatetimeIndex or a time column)."""
+    check_parquet_rows(path, cfg.data.max_rows, "candle file")
     try:
         raw = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for a cut or foreign file

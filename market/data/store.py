@@ -11,8 +11,6 @@ The Parquet schema metadata keeps where the bars came from (``ml.source``) and w
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 from pathlib import Path
 
@@ -23,8 +21,9 @@ import pyarrow.parquet as pq
 
 from core.config import Config
 from core.errors import UserError
+from core.io import atomic_write, copy_file_atomic
 from core.paths import Paths
-from market.data.sources import COLUMNS
+from market.data.sources import COLUMNS, PRICE_COLUMNS, check_parquet_rows
 
 _META_SOURCE = b"ml.source"
 _META_DEMO = b"ml.demo"
@@ -37,10 +36,14 @@ def store_path(paths: Paths, cfg: Config, demo: bool = False) -> Path:
     return paths.data / f"{symbol}_{cfg.timeframe}{'_DEMO' if demo else ''}.parquet"
 
 
-def read_store(path: Path) -> pd.DataFrame | None:
-    """The stored frame (unvalidated) with attrs source/demo, or None when there is no store yet."""
+def read_store(path: Path, max_rows: int | None = None) -> pd.DataFrame | None:
+    """The stored frame (unvalidated) with attrs source/demo, or None when there is no store yet.
+
+    ``max_rows`` (``data.max_rows``): refuse a file whose metadata announces more rows, before reading it."""
     if not path.exists():
         return None
+    if max_rows is not None:
+        check_parquet_rows(path, max_rows, "the candle store")
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a damaged file
@@ -65,17 +68,6 @@ def read_store(path: Path) -> pd.DataFrame | None:
     return out
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX only: Windows cannot open a folder for fsync)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_store(path: Path, frame: pd.DataFrame, symbol: str = "") -> None:
     """Write ``frame`` (validated standard frame) to ``path`` atomically; the old file stays until the rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,18 +77,12 @@ def write_store(path: Path, frame: pd.DataFrame, symbol: str = "") -> None:
     meta[_META_DEMO] = b"1" if frame.attrs.get("demo") else b"0"
     meta[_META_SYMBOL] = symbol.encode()
     table = table.replace_schema_metadata(meta)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             pq.write_table(table, fh, compression="zstd")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
+
+    atomic_write(path, write)
 
 
 def merge(old: pd.DataFrame | None, new: pd.DataFrame) -> pd.DataFrame:
@@ -114,3 +100,51 @@ def merge(old: pd.DataFrame | None, new: pd.DataFrame) -> pd.DataFrame:
     out.attrs = dict(new.attrs)
     out.attrs["line_base"] = None
     return out
+
+
+def merge_file(old: pd.DataFrame | None, new: pd.DataFrame, name: str, store_name: str) -> tuple[pd.DataFrame, int]:
+    """The store extended by a candle file: bars the store lacks are added, bars both have must agree.
+
+    Why not "the file replaces the store": a file shorter than the store, or one that starts after it, would
+    silently delete history (8,000 stored bars became 100). Why refuse on disagreement instead of picking one: an
+    overlapping bar with other prices means the file is another feed (exchange, broker, time zone) or corrupt, and
+    mixing two feeds makes a series no market traded. ``refresh_data.py --replace`` is the explicit way out.
+    Only prices are compared (exports differ in volumes and spread columns); the store's row is kept where both
+    have one. Returns the merged frame (store attrs) and how many bars were new.
+    """
+    if old is None or len(old) == 0:
+        out = new[list(COLUMNS)].copy()
+        out.attrs = dict(new.attrs)
+        return out, len(new)
+    common = old.index.intersection(new.index)
+    if len(common):
+        a = old.loc[common, list(PRICE_COLUMNS)].to_numpy(dtype="float64")
+        b = new.loc[common, list(PRICE_COLUMNS)].to_numpy(dtype="float64")
+        bad = ~np.isclose(a, b, rtol=1e-9, atol=0.0)
+        rows = np.flatnonzero(bad.any(axis=1))
+        if rows.size:
+            i = int(rows[0])
+            cols = ", ".join(f"{c}={b[i, j]:.10g} (store {a[i, j]:.10g})" for j, c in enumerate(PRICE_COLUMNS)
+                             if bad[i, j])
+            raise UserError(
+                f"{name}: {common[i]:%Y-%m-%d %H:%M} UTC: contradicts the stored history in {store_name} "
+                f"({cols}; {rows.size} of {len(common)} overlapping bars differ): nothing stored. Use "
+                "scripts/refresh_data.py --replace to replace the store with this file"
+            )
+    added = new.loc[~new.index.isin(old.index), list(COLUMNS)]
+    out = pd.concat([old[list(COLUMNS)], added]) if len(added) else old[list(COLUMNS)].copy()
+    out = out.iloc[np.argsort(out.index.asi8, kind="stable")]
+    out.attrs = dict(old.attrs)
+    out.attrs["line_base"] = None
+    return out, len(added)
+
+
+def set_aside(path: Path) -> Path | None:
+    """Keep a copy of the store at ``path`` under ``data/replaced/<name>.<UTC stamp>.parquet`` before it is replaced
+    on purpose (``refresh_data.py --replace``): even an explicit replace loses nothing. None when there is no store."""
+    if not path.exists():
+        return None
+    stamp = pd.Timestamp.now(tz="UTC").strftime("%Y%m%dT%H%M%S%fZ")
+    dest = path.parent / "replaced" / f"{path.stem}.{stamp}{path.suffix}"
+    copy_file_atomic(path, dest)
+    return dest

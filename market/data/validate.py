@@ -2,14 +2,15 @@
 
 Why these rules and this order: models, labels and the backtest silently produce nonsense from a shuffled, gappy or
 inconsistent series, so problems stop the run with one line naming the source, the first bad row (file line and
-timestamp) and the rule. Only two things are repaired: exact or conflicting duplicate timestamps (the later row wins,
-as a re-export or a re-fetch corrects an earlier one) and nothing else. Gaps and spikes are *reported*: real
-exchanges halt for an hour now and then, and real prices jump; a model must see them, not a cleaned fiction.
+timestamp) and the rule. Only one thing is repaired: a row repeated identically is dropped (with a warning); two
+*different* rows for one time are refused, naming both, because nothing here can tell which one is right. Gaps
+and spikes are *reported*: real exchanges halt for an hour now and then, and real prices jump; a model must see
+them, not a cleaned fiction.
 
 Rules, checked in this order:
 1. rows sorted by time (a row earlier than its predecessor stops the run: the file was concatenated or shuffled);
-2. duplicate timestamps dropped, keeping the last, with a warning;
-3. every timestamp on the 15-minute grid;
+2. identical duplicate rows dropped with a warning; conflicting ones (same time, other values) stop the run;
+3. every timestamp on the 15-minute grid, and none after now + one bar (year 2099, a wrong time zone);
 4. per row: no NaN/inf, all prices > 0, high >= low, low <= open/close <= high, volumes and spread >= 0
    (the earliest row that breaks any of these is named, with every rule it breaks);
 5. gaps (distance between consecutive bar opens > 15 min). ``data.market_closures="none"`` (24/7, e.g. BTCUSD):
@@ -126,10 +127,14 @@ class _Where:
     def __init__(self, name: str, index: pd.DatetimeIndex, positions: np.ndarray, line_base: int | None) -> None:
         self.name, self.index, self.positions, self.line_base = name, index, positions, line_base
 
-    def __call__(self, i: int) -> str:
+    def row(self, i: int) -> str:
+        """``line N (time UTC)`` / ``row N (time UTC)`` without the source name."""
         pos = int(self.positions[i])
         where = f"line {pos + self.line_base}" if self.line_base is not None else f"row {pos + 1}"
-        return f"{self.name}: {where} ({self.index[i]:%Y-%m-%d %H:%M} UTC)"
+        return f"{where} ({self.index[i]:%Y-%m-%d %H:%M} UTC)"
+
+    def __call__(self, i: int) -> str:
+        return f"{self.name}: {self.row(i)}"
 
 
 def _first(mask: np.ndarray) -> int | None:
@@ -226,11 +231,13 @@ def _spikes(close: np.ndarray, sigma_mult: float) -> np.ndarray:
     return np.flatnonzero(np.abs(r) > sigma_mult * sigma) + 1
 
 
-def validate(frame: pd.DataFrame, cfg: Config, name: str) -> tuple[pd.DataFrame, Report]:
+def validate(frame: pd.DataFrame, cfg: Config, name: str, now: pd.Timestamp | None = None
+             ) -> tuple[pd.DataFrame, Report]:
     """Check ``frame`` (standard columns, UTC index) against every rule; return the cleaned frame and the report.
 
     ``name`` (a file path or a source description) starts every error message. Raises :class:`UserError` on the
     first rule that cannot be repaired; nothing is written here, so a failure leaves every store as it was.
+    ``now`` (default: the clock) bounds the timestamps: a bar opening after ``now`` + one bar is an error.
     """
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
@@ -255,16 +262,24 @@ def validate(frame: pd.DataFrame, cfg: Config, name: str) -> tuple[pd.DataFrame,
         raise UserError(f"{where(back + 1)}: rows not sorted by time: comes after {idx[back]:%Y-%m-%d %H:%M} UTC")
 
     warnings: list[str] = []
-    dup_first = np.r_[steps == 0, False]  # row i duplicates row i+1: drop i, keep the later row
+    dup_first = np.r_[steps == 0, False]  # row i duplicates row i+1
     n_dup = int(dup_first.sum())
     values = frame[list(COLUMNS)].to_numpy(dtype="float64")
     if n_dup:
         pos = np.flatnonzero(dup_first)
         same = np.all((values[pos] == values[pos + 1]) | (np.isnan(values[pos]) & np.isnan(values[pos + 1])), axis=1)
-        conflicting = int((~same).sum())
-        msg = f"{where(int(pos[0]))}: dropped {n_dup} duplicate timestamp(s), keeping the later row" + (
-            f"; {conflicting} with different values" if conflicting else ""
-        )
+        if not same.all():
+            # Two different bars for one time: one of them is wrong and nothing here can tell which (a re-export,
+            # a concatenation of two sources, a typo at -50%): refuse, naming both rows.
+            k = int(pos[np.flatnonzero(~same)[0]])
+            a, b = values[k], values[k + 1]
+            differ = [j for j in range(len(COLUMNS)) if not (a[j] == b[j] or (np.isnan(a[j]) and np.isnan(b[j])))]
+            diff = ", ".join(f"{COLUMNS[j]}={_fmt(a[j])} vs {_fmt(b[j])}" for j in differ)
+            raise UserError(
+                f"{where(k)} and {where.row(k + 1)}: two rows for the same time with different values ({diff}); "
+                "remove the wrong one (identical duplicates are dropped, conflicting ones never guessed)"
+            )
+        msg = f"{where(int(pos[0]))}: dropped {n_dup} duplicate row(s) identical to the next row"
         log.warning(msg)
         warnings.append(msg)
         keep = ~dup_first
@@ -275,6 +290,12 @@ def validate(frame: pd.DataFrame, cfg: Config, name: str) -> tuple[pd.DataFrame,
     off = _first(ns % _BAR_NS != 0)
     if off is not None:
         raise UserError(f"{where(off)}: timestamp not on the 15-minute grid (bar opens at :00, :15, :30, :45)")
+
+    limit = (pd.Timestamp.now(tz="UTC") if now is None else now) + BAR
+    future = _first(ns > limit.value)
+    if future is not None:
+        raise UserError(f"{where(future)}: bar in the future (after now + one bar, {limit:%Y-%m-%d %H:%M} UTC): "
+                        "wrong year or time zone?")
 
     clean = pd.DataFrame(values, index=pd.DatetimeIndex(idx, name="time"), columns=list(COLUMNS))
     rules = _row_rules(clean)
@@ -303,7 +324,8 @@ def validate(frame: pd.DataFrame, cfg: Config, name: str) -> tuple[pd.DataFrame,
 
 
 def trim_history(frame: pd.DataFrame, report: Report, cfg: Config) -> tuple[pd.DataFrame, Report]:
-    """Keep the most recent ``data.history_days`` (what the store keeps and every loader returns)."""
+    """Keep the most recent ``data.history_days``: what a run *uses* (every loader returns this), never what the
+    store *keeps* (the store only grows; ``--quick`` and ``history_days`` must not delete broker history)."""
     if len(frame) == 0:
         return frame, report
     cutoff = frame.index[-1] - pd.Timedelta(days=cfg.data.history_days)

@@ -20,7 +20,7 @@ Positions are simulated with the backtester's own rule functions, so training an
 * one row per close at which the backtester would ask the position model (a bar with the position still open that
   has not reached ``max_holding_bars``): :data:`backtest.policy.POSITION_STATE_FEATURES` filled by
   :func:`backtest.policy.position_state_features` (the kernel's own filler), followed by the bar's
-  ``market_features``. This is exactly the row the kernel builds (``xbuf`` in :func:`backtest.policy.exit_decision`).
+  ``market_features``. This is exactly the row the kernel builds (``xbuf`` in :func:`backtest.policy.model_exit`).
 
 The target (documented rule)
 ----------------------------
@@ -72,7 +72,8 @@ from backtest.policy import (
 )
 from backtest.trees import CompiledTrees, compile_booster, empty_trees
 from core.config import Config, default_config
-from core.errors import UserError
+from core.errors import TooFewTrades, UserError
+from ml.models.manifest import SIGNAL_KEYS
 
 DEFAULT_MARKET_FEATURES: list[str] = [
     # short-term momentum and mean-reversion context, volatility state and the hourly trend: what tells a trader that
@@ -95,13 +96,10 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "num_boost_round": 300,
     "early_stopping_rounds": 30,
 }
-# keys that steer training rather than being LightGBM parameters
-_TRAIN_KEYS = ("num_boost_round", "n_estimators", "early_stopping_rounds")
 # forced for reproducibility (same seed + data -> bit-identical boosters): one thread, row-wise histograms (LightGBM's
 # auto row/col choice is timing-based), deterministic mode; quiet.
 _FIXED = {"deterministic": True, "force_row_wise": True, "num_threads": 1, "verbosity": -1}
 
-SIGNAL_KEYS = ("signal_rf", "signal_xgb", "signal_lgb")  # the ensemble's manifest keys (ml.models.manifest)
 
 
 # ============================================================================================== LightGBM helpers
@@ -152,7 +150,7 @@ def train_booster(X: np.ndarray, y: np.ndarray, params: dict[str, Any], rounds: 
 class PositionModel:
     """A LightGBM binary booster on ``POSITION_STATE_FEATURES + market_features`` (in that order).
 
-    Picklable (LightGBM boosters pickle as their model string). The backtester compiles ``booster`` with
+    Saved as LightGBM model text + JSON (:meth:`to_archive`, never a pickle). The backtester compiles ``booster`` with
     :func:`backtest.trees.compile_booster` and feeds it the same row layout (``Predictor.exit_model``)."""
 
     booster: lgb.Booster
@@ -184,6 +182,24 @@ class PositionModel:
         if missing:
             raise UserError(f"position model needs feature columns {missing} that the feature list lacks")
         return self.compiled(), np.asarray([names.index(c) for c in self.market_features], dtype=np.int64)
+
+    # ---------------------------------------------------------------------------- persistence (ml.models.archive)
+    def to_archive(self) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """(meta, members): the booster as LightGBM model text, everything else as JSON (no pickle)."""
+        from ml.models.archive import lgb_text
+
+        meta = {"type": "position", "market_features": list(self.market_features), "params": self.params,
+                "seed": int(self.seed), "info": self.info}
+        return meta, {"booster.lgb.txt": lgb_text(self.booster)}
+
+    @classmethod
+    def from_archive(cls, meta: Mapping[str, Any], files: Mapping[str, bytes], what: str) -> PositionModel:
+        """Inverse of :meth:`to_archive` (the archive was verified by the caller)."""
+        from ml.models.archive import lgb_from_text, member
+
+        return cls(booster=lgb_from_text(member(files, "booster.lgb.txt", what), what),
+                   market_features=[str(f) for f in meta["market_features"]], params=dict(meta["params"]),
+                   seed=int(meta["seed"]), info=dict(meta["info"]))
 
 
 # ============================================================================================ the simulation
@@ -386,7 +402,7 @@ def fit_position_model(X: np.ndarray, y: np.ndarray, params: Mapping[str, Any] |
         raise ValueError(f"X has {X.shape[1]} columns; expected {N_POS} state + {len(mf)} market features")
     y = np.asarray(y)
     if y.size == 0 or np.unique(y).size < 2:
-        raise UserError(f"position model: need both exit and hold examples, got {y.size} rows with classes "
+        raise TooFewTrades(f"position model: need both exit and hold examples, got {y.size} rows with classes "
                         f"{np.unique(y).tolist()} (too little data or threshold too high)")
     lp, rounds, es = lgb_params(DEFAULT_PARAMS, params, seed, {"objective": "binary", "metric": "binary_logloss"})
     booster, info = train_booster(X, y, lp, rounds, es, [*POSITION_STATE_FEATURES, *mf], eval_set, sample_weight)
@@ -481,7 +497,7 @@ def train_position(ds: Any, cfg: Config | None, models_dir_with_signal: Path | s
     va = position_rows(ds, pls, cfg, cal_pos, market_features)
     t_rows = time.perf_counter() - t0 - t_sig
     if tr.y.size < 50 or va.y.size < 10:
-        raise UserError(f"position model: only {tr.trades.n} training / {va.trades.n} validation trades "
+        raise TooFewTrades(f"position model: only {tr.trades.n} training / {va.trades.n} validation trades "
                         f"(rows {tr.y.size} / {va.y.size}); lower trading.confidence_threshold or add history")
     seed = int(cfg.tuning.seed)
     model = fit_position_model(tr.X, tr.y, params, seed, eval_set=(va.X, va.y), market_features=market_features)

@@ -56,8 +56,9 @@ from backtest.policy import (
 )
 from backtest.trees import CompiledTrees, compile_booster
 from core.config import Config, default_config
-from core.errors import UserError
-from ml.models.position import SIGNAL_KEYS, lgb_params, require_models, train_booster
+from core.errors import TooFewTrades
+from ml.models.manifest import SIGNAL_KEYS
+from ml.models.position import lgb_params, require_models, train_booster
 
 WINDOW = 5
 R_CAP = 3.0
@@ -105,6 +106,26 @@ class RiskModel:
     def compiled(self) -> CompiledTrees:
         """The booster as arrays (what ``Predictor.risk_model`` returns)."""
         return compile_booster(self.booster)
+
+    # ---------------------------------------------------------------------------- persistence (ml.models.archive)
+    def to_archive(self) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """(meta, members): the booster as LightGBM model text, everything else as JSON (no pickle)."""
+        from ml.models.archive import lgb_text
+
+        meta = {"type": "risk", "mult_min": float(self.mult_min), "mult_max": float(self.mult_max),
+                "feature_names": list(self.feature_names), "params": self.params, "seed": int(self.seed),
+                "info": self.info}
+        return meta, {"booster.lgb.txt": lgb_text(self.booster)}
+
+    @classmethod
+    def from_archive(cls, meta: Mapping[str, Any], files: Mapping[str, bytes], what: str) -> RiskModel:
+        """Inverse of :meth:`to_archive` (the archive was verified by the caller)."""
+        from ml.models.archive import lgb_from_text, member
+
+        return cls(booster=lgb_from_text(member(files, "booster.lgb.txt", what), what),
+                   mult_min=float(meta["mult_min"]), mult_max=float(meta["mult_max"]),
+                   feature_names=[str(f) for f in meta["feature_names"]], params=dict(meta["params"]),
+                   seed=int(meta["seed"]), info=dict(meta["info"]))
 
 
 # ================================================================================================== labels
@@ -266,7 +287,7 @@ def train_risk(ds: Any, cfg: Config | None, models_dir: Path | str,
     t_bt = time.perf_counter() - t0
     n = rows.y.size
     if n < MIN_TRADES:
-        raise UserError(f"risk model: the labelling backtest over the training window made only {n} trades "
+        raise TooFewTrades(f"risk model: the labelling backtest over the training window made only {n} trades "
                         f"(need {MIN_TRADES}); lower trading.confidence_threshold or add history")
     cut = int(round(n * (1.0 - VAL_FRACTION)))
     tr, va = slice(0, cut), slice(cut, n)

@@ -29,6 +29,7 @@ Why these choices:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -36,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.frozen import FrozenEstimator
 
@@ -225,7 +227,169 @@ def calibrate_models(models: Mapping[str, Any], X_cal: np.ndarray, y_cal: np.nda
 
 
 def underlying(model: Any) -> Any:
-    """The fitted tree model inside a calibrated wrapper (or the model itself): what SHAP and reports need."""
+    """The fitted tree model inside a calibrated wrapper (or the model itself): what SHAP and reports need.
+
+    A LightGBM model loaded from its model text is a :class:`BoosterClassifier`; its ``lightgbm.Booster`` is returned
+    (SHAP explains a Booster exactly like the ``LGBMClassifier`` it came from: the same trees)."""
+    if isinstance(model, CalibratedClassifierCV):
+        model = model.calibrated_classifiers_[0].estimator
+    if isinstance(model, FrozenEstimator):
+        model = model.estimator
+    if isinstance(model, BoosterClassifier):
+        model = model.booster_
+    return model
+
+
+# ================================================================================================ persistence
+class BoosterClassifier(ClassifierMixin, BaseEstimator):
+    """A fitted LightGBM multiclass booster with the scikit-learn classifier API the calibrator and the ensemble use.
+
+    Why not ``LGBMClassifier``: a saved LightGBM model is its model text (no pickle), and an ``LGBMClassifier`` can
+    only be rebuilt from a ``Booster`` by setting private attributes that change between LightGBM versions. This class
+    predicts with the booster exactly as ``LGBMClassifier.predict_proba`` does (``Booster.predict`` on the same array,
+    every tree of the saved text = the best iteration): bit-identical probabilities (tested). It cannot be refit.
+    """
+
+    def __init__(self, booster: Any = None, classes: Any = None) -> None:
+        self.booster = booster
+        self.classes = classes
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return self.booster is not None
+
+    @property
+    def booster_(self) -> Any:
+        """The ``lightgbm.Booster`` (same name as on ``LGBMClassifier``)."""
+        return self.booster
+
+    @property
+    def classes_(self) -> np.ndarray:
+        return np.asarray(self.classes, dtype=np.int64)
+
+    @property
+    def n_features_in_(self) -> int:
+        return int(self.booster.num_feature())
+
+    def fit(self, X: Any, y: Any) -> BoosterClassifier:  # noqa: N803
+        raise TypeError("a BoosterClassifier is a loaded model: train an LGBMClassifier instead")
+
+    def decision_function(self, X: Any) -> np.ndarray:  # noqa: N803
+        """Raw margins, as ``LGBMClassifier.decision_function`` (LightGBM >= 4.7): what the calibrator is fit on."""
+        return np.asarray(self.booster.predict(np.asarray(X), raw_score=True), dtype=np.float64)
+
+    def predict_proba(self, X: Any) -> np.ndarray:  # noqa: N803
+        p = np.asarray(self.booster.predict(np.asarray(X)), dtype=np.float64)
+        return np.column_stack([1.0 - p, p]) if p.ndim == 1 else p
+
+    def predict(self, X: Any) -> np.ndarray:  # noqa: N803
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
+# what a signal archive's meta.json "type" may say (ml.models.archive dispatches on it)
+CLASSIFIER_TYPES = ("sklearn", "xgboost", "lightgbm", "calibrated")
+_NATIVE_MEMBER = {"xgboost": "estimator.xgb.ubj", "lightgbm": "estimator.lgb.txt"}
+
+
+def _native_kind(model: Any) -> str | None:
+    """"xgboost" / "lightgbm" for a booster stored natively, None for a scikit-learn model (stored with skops)."""
+    import lightgbm as lgb
+    import xgboost as xgb
+
+    if isinstance(model, xgb.XGBClassifier):
+        return "xgboost"
+    if isinstance(model, lgb.LGBMClassifier | BoosterClassifier):
+        return "lightgbm"
+    return None
+
+
+def _encode_native(model: Any, kind: str) -> tuple[dict[str, Any], bytes]:
+    from ml.models.archive import lgb_text
+
+    classes = np.asarray(model.classes_).astype(np.int64).tolist()
+    if kind == "xgboost":
+        if classes != list(range(len(classes))):
+            raise ValueError(f"an XGBoost model must be fit on labels 0..K-1, got classes {classes}")
+        return {"classes": classes}, bytes(model.get_booster().save_raw("ubj"))
+    return {"classes": classes}, lgb_text(model.booster_)
+
+
+def _decode_native(kind: str, meta: Mapping[str, Any], files: Mapping[str, bytes], what: str) -> Any:
+    from ml.models.archive import ArchiveError, lgb_from_text, member
+
+    data = member(files, _NATIVE_MEMBER[kind], what)
+    classes = [int(c) for c in meta["classes"]]
+    if kind == "lightgbm":
+        return BoosterClassifier(lgb_from_text(data, what), classes)
+    import xgboost as xgb
+
+    model = xgb.XGBClassifier()
+    try:
+        model.load_model(bytearray(data))
+    except xgb.core.XGBoostError as exc:
+        raise ArchiveError(f"{what}: the XGBoost model does not parse ({str(exc).splitlines()[0]})") from None
+    if list(np.asarray(model.classes_).tolist()) != classes:
+        raise ArchiveError(f"{what}: the XGBoost model has classes {model.classes_.tolist()}, meta.json {classes}")
+    return model
+
+
+def encode_classifier(model: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """(meta, members) of a signal classifier's archive (see :mod:`ml.models.archive`).
+
+    * a scikit-learn model (the forest), calibrated or not: one skops member;
+    * a bare XGBoost / LightGBM classifier: its native model (UBJSON / model text);
+    * a calibrated booster: the calibrator in skops with its frozen estimator emptied (a copy: ``model`` itself is
+      not touched) plus the booster natively; loading puts the booster back into the same ``FrozenEstimator``.
+    """
+    from ml.models.archive import skops_dumps
+
+    inner = underlying_estimator(model)
+    kind = _native_kind(inner)
+    if kind is None and not isinstance(model, ClassifierMixin):
+        raise TypeError(f"cannot save a {type(model).__name__} as a model: not a classifier or one of our models")
+    if kind is None:
+        return {"type": "sklearn", "class": type(model).__name__}, {"model.skops": skops_dumps(model)}
+    meta, native = _encode_native(inner, kind)
+    files = {_NATIVE_MEMBER[kind]: native}
+    if not isinstance(model, CalibratedClassifierCV):
+        return {"type": kind, **meta}, files
+    if len(model.calibrated_classifiers_) != 1:
+        raise ValueError("a calibrated booster is saved with exactly one calibrated classifier (FrozenEstimator)")
+    empty = FrozenEstimator(None)
+    shell = copy.copy(model)
+    cc = copy.copy(model.calibrated_classifiers_[0])
+    cc.estimator = empty
+    shell.estimator = empty
+    shell.calibrated_classifiers_ = [cc]
+    files["calibration.skops"] = skops_dumps(shell)
+    return {"type": "calibrated", "estimator": kind, **meta}, files
+
+
+def decode_classifier(meta: Mapping[str, Any], files: Mapping[str, bytes], what: str) -> Any:
+    """The classifier held by a signal archive (inverse of :func:`encode_classifier`)."""
+    from ml.models.archive import ArchiveError, member, skops_loads
+
+    kind = meta["type"]
+    if kind == "sklearn":
+        model = skops_loads(member(files, "model.skops", what), what)
+        if not isinstance(model, ClassifierMixin | CalibratedClassifierCV):
+            raise ArchiveError(f"{what}: holds a {type(model).__name__}, not a classifier")
+        return model
+    if kind in _NATIVE_MEMBER:
+        return _decode_native(kind, meta, files, what)
+    est_kind = meta["estimator"]
+    if est_kind not in _NATIVE_MEMBER:
+        raise ArchiveError(f"{what}: unknown calibrated estimator type {est_kind!r}")
+    shell = skops_loads(member(files, "calibration.skops", what), what)
+    if (not isinstance(shell, CalibratedClassifierCV) or not isinstance(shell.estimator, FrozenEstimator)
+            or shell.estimator.estimator is not None or len(shell.calibrated_classifiers_) != 1
+            or shell.calibrated_classifiers_[0].estimator is not shell.estimator):
+        raise ArchiveError(f"{what}: calibration.skops is not the calibrator of one frozen booster")
+    shell.estimator.estimator = _decode_native(est_kind, meta, files, what)
+    return shell
+
+
+def underlying_estimator(model: Any) -> Any:
+    """The model inside a calibrated / frozen wrapper (the wrapper-free object, not the Booster of a LightGBM one)."""
     if isinstance(model, CalibratedClassifierCV):
         model = model.calibrated_classifiers_[0].estimator
     if isinstance(model, FrozenEstimator):

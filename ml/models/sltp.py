@@ -59,9 +59,9 @@ from backtest.policy import (
 )
 from backtest.trees import CompiledTrees, compile_booster
 from core.config import Config, default_config
-from core.errors import UserError
+from core.errors import TooFewTrades
+from ml.models.manifest import SIGNAL_KEYS
 from ml.models.position import (
-    SIGNAL_KEYS,
     full_probabilities,
     lgb_params,
     require_models,
@@ -119,6 +119,27 @@ class SltpModel:
     def compiled(self) -> tuple[CompiledTrees, CompiledTrees]:
         """Both boosters as arrays (for a compiled caller)."""
         return compile_booster(self.sl_booster), compile_booster(self.tp_booster)
+
+    # ---------------------------------------------------------------------------- persistence (ml.models.archive)
+    def to_archive(self) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """(meta, members): both boosters as LightGBM model text, everything else as JSON (no pickle)."""
+        from ml.models.archive import lgb_text
+
+        meta = {"type": "sl_tp", "feature_names": list(self.feature_names), "clip": list(self.clip),
+                "quantiles": list(self.quantiles), "params": self.params, "seed": int(self.seed), "info": self.info}
+        return meta, {"sl.lgb.txt": lgb_text(self.sl_booster), "tp.lgb.txt": lgb_text(self.tp_booster)}
+
+    @classmethod
+    def from_archive(cls, meta: Mapping[str, Any], files: Mapping[str, bytes], what: str) -> SltpModel:
+        """Inverse of :meth:`to_archive` (the archive was verified by the caller)."""
+        from ml.models.archive import lgb_from_text, member
+
+        lo, hi = (float(v) for v in meta["clip"])
+        q_sl, q_tp = (float(v) for v in meta["quantiles"])
+        return cls(sl_booster=lgb_from_text(member(files, "sl.lgb.txt", what), what),
+                   tp_booster=lgb_from_text(member(files, "tp.lgb.txt", what), what),
+                   feature_names=[str(f) for f in meta["feature_names"]], clip=(lo, hi), quantiles=(q_sl, q_tp),
+                   params=dict(meta["params"]), seed=int(meta["seed"]), info=dict(meta["info"]))
 
 
 # ================================================================================================== labels
@@ -266,7 +287,7 @@ def fit_sltp_model(X: np.ndarray, sl: np.ndarray, tp: np.ndarray, feature_names:
     names = list(feature_names)
     X = np.asarray(X)
     if X.shape[0] < 50:
-        raise UserError(f"SL/TP model: only {X.shape[0]} labelled entries; lower trading.confidence_threshold or "
+        raise TooFewTrades(f"SL/TP model: only {X.shape[0]} labelled entries; lower trading.confidence_threshold or "
                         "add history")
     boosters = []
     infos = {}
@@ -330,7 +351,7 @@ def train_sltp(ds: Any, cfg: Config | None, models_dir: Path | str,
     va = sltp_rows(ds, pls, cfg, cal_pos, exit_model)
     t_rows = time.perf_counter() - t0 - t_sig
     if va.n < 10:
-        raise UserError(f"SL/TP model: only {va.n} validation entries on the calibration window; lower "
+        raise TooFewTrades(f"SL/TP model: only {va.n} validation entries on the calibration window; lower "
                         "trading.confidence_threshold or add history")
     model = fit_sltp_model(tr.X, tr.sl, tr.tp, ds.feature_names, params, int(cfg.tuning.seed),
                            eval_set=(va.X, va.sl, va.tp))

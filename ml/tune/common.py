@@ -1,4 +1,4 @@
-"""Plumbing shared by the two Optuna studies: storage, seeded/resumable studies, fold loop, guards, artefacts, CLI.
+"""Plumbing shared by the two Optuna studies: storage, seeded/resumable studies, fold loop, guards, artefacts, logs.
 
 Why a module of its own: the signal study (:mod:`ml.tune.hyperparams`) and the position study
 (:mod:`ml.tune.position`) must follow exactly the same rules, and those rules are where tuning usually goes wrong:
@@ -27,7 +27,6 @@ Why a module of its own: the signal study (:mod:`ml.tune.hyperparams`) and the p
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -49,6 +48,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from core.config import Config
 from core.errors import UserError
+from core.io import atomic_write, atomic_write_json
 
 if TYPE_CHECKING:
     from market.dataset import Dataset
@@ -182,6 +182,9 @@ def create_or_load_study(name: str, storage: str | optuna.storages.BaseStorage, 
     second fold on, once five trials have finished. ``user_attrs`` are recorded on a new study; a recorded
     ``fingerprint`` that differs from the given one means the study was made on other data and is refused.
     """
+    # One log line per trial: ours (_Progress, after each trial) says more than Optuna's own INFO lines ("Trial N
+    # finished ...", "A new study created ..."), which would double every trial in the weekly log.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     st = open_storage(storage) if isinstance(storage, str) else storage
     pr = pruner if pruner is not None else MedianPruner(n_startup_trials=5, n_warmup_steps=1)
     study = optuna.create_study(storage=st, study_name=name, direction=direction, pruner=pr, load_if_exists=True,
@@ -374,16 +377,6 @@ def optimize(study: optuna.Study, objective: Callable[[optuna.Trial], float], ki
     return progress.durations
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def study_in_memory(study: optuna.Study) -> optuna.Study:
     """A copy of ``study`` in an :class:`~optuna.storages.InMemoryStorage`: picklable without the database."""
     mem = optuna.storages.InMemoryStorage()
@@ -419,7 +412,7 @@ def plot_history(study: optuna.Study, path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     if done or pruned:
         ax.legend(loc="lower right", fontsize=8)
-    _atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
 
 
 def storage_url(study: optuna.Study) -> str:
@@ -443,7 +436,7 @@ def save_results(study: optuna.Study, results_dir: Path, kind: str, extra: dict[
     files = {"study": results_dir / STUDY_FILES[kind], "best_params": results_dir / f"best_params_{kind}.json",
              "history": results_dir / f"optuna_history_{kind}.png"}
     mem = study_in_memory(study)
-    _atomic_write(files["study"], lambda p: joblib.dump(mem, p))
+    atomic_write(files["study"], lambda p: joblib.dump(mem, p))
     counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
     best = study.best_trial
     doc = {
@@ -459,7 +452,7 @@ def save_results(study: optuna.Study, results_dir: Path, kind: str, extra: dict[
         "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
         **(extra or {}),
     }
-    _atomic_write(files["best_params"], lambda p: p.write_text(json.dumps(doc, indent=2, default=str) + "\n"))
+    atomic_write_json(files["best_params"], doc, default=str)
     plot_history(study, files["history"], f"{kind} study {study.study_name}: best {best.value:.4f} (#{best.number})")
     return files
 
@@ -499,63 +492,3 @@ DEFAULT_THREADS = 1
 def cores() -> int:
     """CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-# --------------------------------------------------------------------------------------------------- CLI
-def add_cli_args(parser: argparse.ArgumentParser, default_trials_note: str) -> None:
-    """The options both study scripts share (``--root``/``--data`` as every script, plus the study's own)."""
-    parser.add_argument("--root", default=None, help="run root (config.json, results/); default: the repository")
-    parser.add_argument("--data", default=None, help="candle file to use instead of the store")
-    parser.add_argument("--demo", action="store_true", help="use the demo candle generator")
-    parser.add_argument("--dataset", default=None, help="a saved Dataset folder (market.dataset.Dataset.save) to reuse")
-    parser.add_argument("--n-trials", type=int, default=None, help=default_trials_note)
-    parser.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds "
-                        "(default config tuning.timeout_s)")
-    parser.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///<root>/results/"
-                        "optuna.db; e.g. postgresql+psycopg2://user:pw@host:5432/db for several workers)")
-    parser.add_argument("--study-name", default=None, help="default: <kind>-<last train date>-<data fingerprint>")
-    parser.add_argument("--n-jobs", type=int, default=None, help="parallel trials in this process "
-                        "(default config tuning.n_jobs; 2 uses both cores of a 2-core machine)")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="library threads per trial "
-                        f"(default {DEFAULT_THREADS}: measured faster and robust; see README)")
-    parser.add_argument("--top-up", action="store_true", help="run only the trials missing to reach --n-trials "
-                        "finished trials in the study (default: add --n-trials trials)")
-    parser.add_argument("--worker", type=int, default=0, help="worker number when several processes share a "
-                        "study (varies the sampler seed)")
-    parser.add_argument("--seed", type=int, default=None, help="default config tuning.seed")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings")
-
-
-def setup_logging(quiet: bool = False) -> None:
-    """Plain progress lines on stderr; Optuna's own per-trial INFO lines are silenced (ours say more)."""
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def load_cli_inputs(args: argparse.Namespace) -> tuple[Config, Dataset, Path]:
-    """Config, dataset and results folder for a study script, from the shared options."""
-    from core.config import load_config
-    from core.paths import Paths
-    from market.dataset import Dataset, build_dataset
-
-    paths = Paths.of(args.root)
-    resolve_storage(args.storage, paths.results)  # a malformed --storage fails before any expensive work
-    cfg = load_config(paths.config)
-    if args.seed is not None:
-        raw = cfg.model_dump(mode="json")
-        raw["tuning"]["seed"] = args.seed
-        from core.config import parse_config
-
-        cfg = parse_config(raw, "--seed")
-    if args.dataset:
-        folder = Path(args.dataset)
-        if not (folder / "dataset.json").exists():
-            raise UserError(f"{folder}: not a saved dataset (dataset.json missing)")
-        ds = Dataset.load(folder)
-    else:
-        from market.data import load_candles
-
-        candles = load_candles(cfg, paths, data_path=args.data, demo=args.demo)
-        ds = build_dataset(candles, cfg)
-    return cfg, ds, paths.results

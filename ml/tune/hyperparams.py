@@ -37,31 +37,24 @@ Cost: see :func:`run_signal_study` and the README ("What a trial costs").
 
 from __future__ import annotations
 
-import sys
+import dataclasses
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import numpy as np
+import optuna
+from optuna.pruners import BasePruner
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
-from collections import OrderedDict  # noqa: E402
-from collections.abc import Callable, Mapping  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-import optuna  # noqa: E402
-from optuna.pruners import BasePruner  # noqa: E402
-
-from core.config import Config  # noqa: E402
-from core.errors import cli_main  # noqa: E402
-from market.dataset import Dataset  # noqa: E402
-from ml.tune import common  # noqa: E402
-from ml.tune.common import StudyResult, guard_indices  # noqa: E402
+from core.config import Config
+from market.dataset import Dataset
+from ml.tune import common
+from ml.tune.common import StudyResult, guard_indices
 
 log = logging.getLogger("ml.tune")
 
@@ -390,22 +383,7 @@ def oof_signal_proba(ds: Dataset, cfg: Config, params: Mapping[str, Mapping[str,
     return OOFSignal(positions=covered, proba=proba, p_long_short=pls, fold=fold_of, rounds=rounds)
 
 
-# --------------------------------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Tune the signal ensemble's hyperparameters (Optuna, walk-forward folds)")
-    common.add_cli_args(ap, "trials to run (default config tuning.signal_trials)")
-    args = ap.parse_args(argv)
-    common.setup_logging(args.quiet)
-    cfg, ds, results = common.load_cli_inputs(args)
-    res = run_signal_study(ds, cfg, results, n_trials=args.n_trials, timeout=args.timeout, storage=args.storage,
-                           study_name=args.study_name, n_jobs=args.n_jobs, threads=args.threads, top_up=args.top_up,
-                           worker=args.worker)
-    per = res.per_trial_seconds
-    print(f"study={res.study.study_name} best_value={res.best_value:.6f} trials={res.n_trials} "
-          f"ran={len(per)} mean_trial_s={(sum(per) / len(per)) if per else 0.0:.2f} "
-          f"best_params={res.files['best_params']}")
-    return 0
+if __name__ == "__main__":  # the seed's spelling of the command (cli.tune; upward import listed in pyproject.toml)
+    from cli.tune import signal_entry
 
-
-if __name__ == "__main__":
-    cli_main(main)
+    signal_entry()

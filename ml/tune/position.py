@@ -24,30 +24,23 @@ both at the trading threshold ``trading.exit_threshold``, on the validation trad
 
 from __future__ import annotations
 
-import sys
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import numpy as np
+import optuna
+from optuna.pruners import BasePruner
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-import optuna  # noqa: E402
-from optuna.pruners import BasePruner  # noqa: E402
-
-from core.config import Config  # noqa: E402
-from core.errors import UserError, cli_main  # noqa: E402
-from market.dataset import Dataset  # noqa: E402
-from ml.tune import common  # noqa: E402
-from ml.tune.common import StudyResult, guard_indices  # noqa: E402
+from core.config import Config
+from core.errors import UserError
+from market.dataset import Dataset
+from ml.tune import common
+from ml.tune.common import StudyResult, guard_indices
 
 log = logging.getLogger("ml.tune")
 
@@ -223,45 +216,7 @@ def run_position_study(ds: Dataset, cfg: Config, results_dir: Path, p_long_short
         "rows": stats, "per_trial_seconds_this_run": [round(d, 3) for d in durations]})
 
 
-# --------------------------------------------------------------------------------------------------- CLI
-def _signal_params(results: Path, path: str | None) -> dict[str, Any] | None:
-    """The signal parameters for the out-of-fold probabilities: ``--signal-params FILE`` (a best_params JSON),
-    else ``results/best_params_signal.json`` when the signal study has run, else the models' defaults (None)."""
-    if path:
-        p = Path(path)
-        if not p.exists():
-            raise UserError(f"{p}: signal parameters file not found")
-        doc = json.loads(p.read_text())
-        return dict(doc.get("model_params") or doc)
-    if (results / "best_params_signal.json").exists():
-        return common.load_best_params(results, "signal")
-    return None
+if __name__ == "__main__":  # the seed's spelling of the command (cli.tune; upward import listed in pyproject.toml)
+    from cli.tune import position_entry
 
-
-def main(argv: list[str] | None = None) -> int:
-    from ml.tune.hyperparams import oof_signal_proba
-
-    ap = argparse.ArgumentParser(description="Tune the position (exit) model's hyperparameters (Optuna)")
-    common.add_cli_args(ap, "trials to run (default config tuning.position_trials)")
-    ap.add_argument("--signal-params", default=None, help="best_params JSON of the signal study (default "
-                    "results/best_params_signal.json if present, else the signal models' defaults)")
-    args = ap.parse_args(argv)
-    common.setup_logging(args.quiet)
-    cfg, ds, results = common.load_cli_inputs(args)
-    sig = _signal_params(results, args.signal_params)
-    t0 = time.perf_counter()
-    oof = oof_signal_proba(ds, cfg, sig, n_jobs=args.threads)
-    log.info("out-of-fold signal probabilities on %d bars in %.1fs (%s params)", oof.positions.size,
-             time.perf_counter() - t0, "tuned" if sig else "default")
-    res = run_position_study(ds, cfg, results, oof.p_long_short, n_trials=args.n_trials, timeout=args.timeout,
-                             storage=args.storage, study_name=args.study_name, n_jobs=args.n_jobs,
-                             top_up=args.top_up, worker=args.worker)
-    per = res.per_trial_seconds
-    print(f"study={res.study.study_name} best_value={res.best_value:.6f} trials={res.n_trials} "
-          f"ran={len(per)} mean_trial_s={(sum(per) / len(per)) if per else 0.0:.2f} "
-          f"best_params={res.files['best_params']}")
-    return 0
-
-
-if __name__ == "__main__":
-    cli_main(main)
+    position_entry()

@@ -14,15 +14,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from tests.standins._http import LocalServer, QuietHandler
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -57,7 +58,7 @@ class HttpError(Exception):
         self.body = body
 
 
-class HubStandIn:
+class HubStandIn(LocalServer):
     """The server state plus the HTTP server thread. Use as a context manager; ``url`` is the endpoint."""
 
     def __init__(self, token: str | None = "hf_standin_token") -> None:
@@ -69,24 +70,11 @@ class HubStandIn:
         self.on_commit: Callable[[], None] | None = None
         self.lose_commit_answer_once = False  # apply the next commit but answer 500, as if the answer was lost
         self._lock = threading.RLock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="hub-standin", daemon=True)
+        self._init_server(_make_handler(self), "hub-standin")
 
     @property
     def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> HubStandIn:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(5)
+        return self.root_url
 
     # ------------------------------------------------------------------ helpers for tests
     def repo(self, repo_id: str) -> Repo:
@@ -298,17 +286,7 @@ def _json(status: int, obj: Any) -> tuple[int, dict[str, str], bytes]:
 
 
 def _make_handler(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def setup(self) -> None:
-            super().setup()
-            # headers and body go out in separate writes: without this, Nagle + delayed ACK add 40 ms per request
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet test output
-            pass
-
+    class Handler(QuietHandler):
         def _body(self) -> bytes:
             if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
                 out = b""
@@ -337,13 +315,7 @@ def _make_handler(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
                 data = json.dumps(payload).encode()
             except Exception as exc:  # a bug in the stand-in: make it visible as a 500 with the reason
                 status, extra, data = 500, {"Content-Type": "text/plain"}, f"stand-in crashed: {exc!r}".encode()
-            self.send_response(status)
-            for k, v in extra.items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if method != "HEAD":
-                self.wfile.write(data)
+            self.reply(status, extra, data, send_body=method != "HEAD")
 
         def do_GET(self) -> None:  # noqa: N802
             self._serve("GET")

@@ -10,15 +10,16 @@ API answers 400 "can't parse entities" otherwise); for HTML that no raw ``<`` / 
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs
+
+from tests.standins._http import LocalServer, QuietHandler
 
 MARKDOWN_V2_RESERVED = set("_*[]()~`>#+-=|{}.!")
 
@@ -70,7 +71,7 @@ def html_error(text: str) -> str | None:
     return None
 
 
-class TelegramStandIn:
+class TelegramStandIn(LocalServer):
     """Use as a context manager; ``base_url`` is what ``Bot(token, base_url=...)`` takes."""
 
     def __init__(self, token: str = "123456:standin-token", retry_after: int = 1) -> None:
@@ -80,15 +81,11 @@ class TelegramStandIn:
         self.bad_request_once: set[str] = set()
         self.state = _State()
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="telegram-standin", daemon=True)
+        self._init_server(_make_handler(self), "telegram-standin")
 
     @property
     def base_url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}/bot"
+        return f"{self.root_url}/bot"
 
     @property
     def calls(self) -> list[Call]:
@@ -97,15 +94,6 @@ class TelegramStandIn:
     def delivered(self, method: str) -> list[Call]:
         """Successful calls of one method, in order."""
         return [c for c in self.state.calls if c.method == method and c.status == 200]
-
-    def __enter__(self) -> TelegramStandIn:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(5)
 
     def handle(self, path: str, content_type: str, body: bytes) -> tuple[int, dict[str, Any]]:
         fields, files = _parse_body(content_type, body)
@@ -197,16 +185,7 @@ def _parse_body(content_type: str, body: bytes) -> tuple[dict[str, str], dict[st
 
 
 def _make_handler(server: TelegramStandIn) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def setup(self) -> None:
-            super().setup()
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet test output
-            pass
-
+    class Handler(QuietHandler):
         def do_POST(self) -> None:  # noqa: N802
             n = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(n) if n else b""
@@ -215,11 +194,7 @@ def _make_handler(server: TelegramStandIn) -> type[BaseHTTPRequestHandler]:
             except Exception as exc:  # a bug in the stand-in: visible as a 500 with the reason
                 status, payload = 500, {"ok": False, "error_code": 500, "description": f"stand-in crashed: {exc!r}"}
             data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self.reply(status, {"Content-Type": "application/json"}, data)
 
         do_GET = do_POST  # noqa: N815 - getMe may be sent either way
 

@@ -40,9 +40,19 @@ RATES_DTYPE = np.dtype(
 )
 SymbolInfo = namedtuple(
     "SymbolInfo",
-    "name description path visible select digits point spread trade_contract_size volume_min volume_step volume_max",
+    "name description path visible select digits point spread trade_contract_size volume_min volume_step volume_max "
+    "filling_mode",
 )
 TerminalInfo = namedtuple("TerminalInfo", "connected maxbars build name")
+Tick = namedtuple("Tick", "time bid ask last volume")
+TradePosition = namedtuple("TradePosition", "ticket time type magic identifier volume price_open sl tp price_current "
+                                            "symbol comment")
+OrderCheckResult = namedtuple("OrderCheckResult", "retcode balance equity profit margin margin_free margin_level "
+                                                  "comment request")
+OrderSendResult = namedtuple("OrderSendResult", "retcode deal order volume price bid ask comment request_id "
+                                                "retcode_external request")
+TRADE_RETCODE_DONE, TRADE_RETCODE_INVALID_FILL, TRADE_RETCODE_INVALID = 10009, 10030, 10013
+SYMBOL_FILLING_FOK, SYMBOL_FILLING_IOC = 1, 2
 
 RES_S_OK = (1, "Success")
 RES_E_FAIL = (-1, "Terminal: Call failed")
@@ -85,7 +95,45 @@ def _standin_configure(
             initialized=False,
             error=RES_S_OK,
             calls=[],
+            rows=None,
+            visible=0,
+            positions={},
+            next_ticket=1000,
+            filling_mode=SYMBOL_FILLING_IOC,
         )
+
+
+def _standin_set_rows(rows: list, visible: int = 0) -> None:
+    """Serve these bars instead of the formula ones: ``(utc_epoch, open, high, low, close, tick_volume, spread)``
+    in the given order (duplicates, disorder and broken prices included: the terminal as a bad feed). Only the first
+    ``visible`` rows exist yet; :func:`_standin_release` makes more of them arrive."""
+    with _lock:
+        _state["rows"] = [tuple(r) for r in rows]
+        _state["visible"] = int(visible)
+
+
+def _standin_release(k: int = 1) -> None:
+    """``k`` more rows arrive (bars closing over time)."""
+    with _lock:
+        _state["visible"] = min(len(_state["rows"]), _state["visible"] + int(k))
+
+
+def _standin_positions() -> tuple:
+    with _lock:
+        return tuple(tuple(p) for p in _state["positions"].values())
+
+
+def _standin_close_position(ticket: int) -> None:
+    """The broker closed a position (its stop or target was hit)."""
+    with _lock:
+        _state["positions"].pop(int(ticket), None)
+
+
+def _rows_array() -> np.ndarray:
+    rows = _state["rows"][: _state["visible"]]
+    out = [(_wall(int(r[0])), float(r[1]), float(r[2]), float(r[3]), float(r[4]), int(r[5]), int(r[6]), 0)
+           for r in rows]
+    return np.array(out, dtype=RATES_DTYPE)
 
 
 _standin_configure()
@@ -217,6 +265,7 @@ def symbol_info(symbol):
             0.01,
             0.01,
             100.0,
+            _state["filling_mode"],
         )
 
 
@@ -235,7 +284,7 @@ def copy_rates_range(symbol, timeframe, date_from, date_to):
         if _state["rates_mode"] == "empty":
             _state["error"] = RES_S_OK
             return np.zeros(0, dtype=RATES_DTYPE)
-        bars = _bars()
+        bars = _bars() if _state["rows"] is None else _rows_array()
         _state["error"] = RES_S_OK
         return bars[(bars["time"] >= t0) & (bars["time"] <= t1)].copy()
 
@@ -248,7 +297,94 @@ def copy_rates_from_pos(symbol, timeframe, start_pos, count):
         if symbol != _state["symbol"] or _state["rates_mode"] != "ok":
             _state["error"] = RES_E_NOT_FOUND
             return None
-        bars = _bars()
+        if _state["rows"] is not None:  # explicit rows are all closed; the forming bar follows the last one
+            rows = _rows_array()
+            last = int(rows["time"].max()) if rows.size else 0
+            forming = np.array([(last + 900, 1.0, 1.0, 1.0, 1.0, 0, 0, 0)], dtype=RATES_DTYPE)
+            bars = np.concatenate([rows, forming]) if rows.size else forming
+        else:
+            bars = _bars()
         end = bars.size - int(start_pos)
         _state["error"] = RES_S_OK
         return bars[max(0, end - int(count)) : end].copy()
+
+
+# ------------------------------------------------------------------------------------------------- trading
+def _last_close() -> float:
+    if _state["rows"] is not None:
+        rows = _state["rows"][: _state["visible"]]
+        return float(rows[-1][4]) if rows else 30000.0
+    bars = _bars()
+    return float(bars["close"][-2]) if bars.size > 1 else 30000.0
+
+
+def symbol_info_tick(symbol):
+    with _lock:
+        _record("symbol_info_tick", symbol)
+        if not _ready() or symbol != _state["symbol"]:
+            return None
+        bid = _last_close()
+        return Tick(_now(), bid, bid + 15.0, bid, 1)
+
+
+def _check(request) -> int:
+    need = ("action", "symbol", "volume", "type", "price", "magic", "type_filling")
+    if any(k not in request for k in need) or request["symbol"] != _state["symbol"]:
+        return TRADE_RETCODE_INVALID
+    for v in request.values():  # what mt5linux can carry: plain values only
+        if type(v) not in (int, float, str):
+            return TRADE_RETCODE_INVALID
+    allowed = {0: SYMBOL_FILLING_FOK, 1: SYMBOL_FILLING_IOC}.get(request["type_filling"], 0)
+    if not allowed & _state["filling_mode"]:
+        return TRADE_RETCODE_INVALID_FILL
+    return 0
+
+
+def order_check(request):
+    with _lock:
+        request = dict(request)
+        _record("order_check", request.get("type"), request.get("volume"))
+        if not _ready():
+            return None
+        code = _check(request)
+        return OrderCheckResult(code, 10000.0, 10000.0, 0.0, 100.0, 9900.0, 10000.0,
+                                "Done" if code == 0 else "Invalid request", None)
+
+
+def order_send(request):
+    with _lock:
+        request = dict(request)
+        _record("order_send", request.get("type"), request.get("volume"), request.get("sl"), request.get("tp"),
+                request.get("magic"), request.get("position"))
+        if not _ready():
+            return None
+        code = _check(request)
+        if code:
+            return OrderSendResult(code, 0, 0, 0.0, 0.0, 0.0, 0.0, "Invalid request", 1, 0, None)
+        price = float(request["price"])
+        if "position" in request:
+            _state["positions"].pop(int(request["position"]), None)
+        else:
+            ticket = _state["next_ticket"]
+            _state["next_ticket"] += 1
+            _state["positions"][ticket] = TradePosition(
+                ticket, _now(), int(request["type"]), int(request["magic"]), ticket, float(request["volume"]), price,
+                float(request.get("sl", 0.0)), float(request.get("tp", 0.0)), price, request["symbol"],
+                str(request.get("comment", "")))
+        _state["next_ticket"] += 1
+        return OrderSendResult(TRADE_RETCODE_DONE, _state["next_ticket"], _state["next_ticket"],
+                               float(request["volume"]), price, price, price, "Request executed", 1, 0, None)
+
+
+def positions_get(symbol=None, ticket=None):
+    with _lock:
+        _record("positions_get", symbol)
+        if not _ready():
+            return None
+        return tuple(p for p in _state["positions"].values() if symbol in (None, p.symbol))
+
+
+def _standin_set_mode(rates_mode: str) -> None:
+    """"ok", or "none" (copy_rates_* answer None: the terminal lost its connection), keeping bars and positions."""
+    with _lock:
+        _state["rates_mode"] = str(rates_mode)
