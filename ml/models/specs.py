@@ -80,12 +80,19 @@ def _f(m: Mapping[str, Any] | None, *keys: str) -> float:
         return float("nan")
 
 
+
+def _with_oos_start(train_range: dict[str, Any], ds: Any) -> dict[str, Any]:
+    """The trainer's own range plus where the run's OOS window starts: provenance that every manifest entry
+    carries, so that anyone (the replay's cut test, an auditor) can check a set never trained on its OOS days."""
+    return {**train_range, "oos_start": str(ds.candles.index[ds.splits.oos_start])}
+
 def _save_booster_model(folder: Path, t: Trained, ds: Any, demo: bool, spec_key: str,
                         names: Callable[[Any, Any], list[str]]) -> None:
     """The position, SL/TP and risk models: train range and data hash as their trainer recorded them."""
     model = t.models[spec_key]
     info = getattr(model, "info", {}) or {}
-    save_model(folder, spec_key, model, feature_names=names(model, ds), train_range=info.get("train_range", {}),
+    save_model(folder, spec_key, model, feature_names=names(model, ds),
+               train_range=_with_oos_start(info.get("train_range", {}), ds),
                data_hash=str(info.get("data_hash", ds.data_hash())), params=getattr(model, "params", None) or {},
                seed=int(getattr(model, "seed", 0)), metrics={**t.metrics, "demo": demo}, kind=spec_key)
 
@@ -112,7 +119,8 @@ def _signal_save(folder: Path, t: Trained, ds: Any, demo: bool) -> None:
             "early_stop_fold": res["metrics"]["early_stop_fold"].get(name),
             "demo": demo,
         }
-        save_model(folder, key, model, feature_names=res["feature_names"], train_range=res["train_range"],
+        save_model(folder, key, model, feature_names=res["feature_names"],
+                   train_range=_with_oos_start(res["train_range"], ds),
                    data_hash=res["data_hash"],
                    params={**res["params"][name], "calibration": method, "n_jobs": res["n_jobs"]},
                    seed=res["seed"], metrics=metrics, kind=f"{key} (calibrated {method}, 3 classes)")
