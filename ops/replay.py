@@ -50,6 +50,7 @@ import pandas as pd
 
 from core.config import Config, config_to_json, load_config, parse_config
 from core.errors import UserError
+from core.io import atomic_write, atomic_write_json
 from core.paths import Paths
 from ml.models.manifest import signing_key
 
@@ -419,10 +420,8 @@ class Replay:
             root.mkdir(parents=True)
             (root / "config.json").write_text(config_to_json(cfg))
             (root / "results").mkdir()
-            tmp = spec_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"id": replay_id, "options": opts.to_dict(), "gate_mode": self.gate_mode,
-                                       "created": pd.Timestamp.now("UTC").isoformat()}, indent=2))
-            os.replace(tmp, spec_path)
+            atomic_write_json(spec_path, {"id": replay_id, "options": opts.to_dict(), "gate_mode": self.gate_mode,
+                                          "created": pd.Timestamp.now("UTC").isoformat()})
         # One signing key for everything this replay saves and loads: its root's sets, the copies under sets/ and
         # the local workers' scratch roots under work/ all lie below self.dir, where the key file is looked for first
         # (ml.models.manifest.key_root). Remote Dask workers need MODEL_SIGNING_KEY in their environment instead.
@@ -698,15 +697,11 @@ class Replay:
         """Curves first, then the record (its presence marks the week finished for --resume)."""
         base = self.dir / "weeks" / f"{k + 1:03d}"
         eq = pd.DataFrame({p: s.equity for p, s in segs.items()})
-        tmp = base.with_suffix(".parquet.tmp")
-        eq.to_parquet(tmp)
-        os.replace(tmp, base.with_suffix(".parquet"))
+        atomic_write(base.with_suffix(".parquet"), eq.to_parquet)
         trades = pd.concat([s.trades.assign(policy=p) for p, s in segs.items() if len(s.trades)],
                            ignore_index=True) if any(len(s.trades) for s in segs.values()) else pd.DataFrame()
         trades.to_csv(base.with_suffix(".trades.csv"), index=False)
-        tmp = base.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(rec, indent=2, default=str))
-        os.replace(tmp, base.with_suffix(".json"))
+        atomic_write_json(base.with_suffix(".json"), rec, default=str)
 
     # -------------------------------------------------------------------------------------------- outputs
     def _summarise(self, weeks: list[dict[str, Any]], scorer: Scorer, seconds: float) -> dict[str, Any]:
