@@ -280,43 +280,50 @@ def _step(trees: CompiledTrees, node: int, f: int, x: np.ndarray) -> int:
 
 
 @njit(cache=True, inline="always")
+def _four_roots(trees: CompiledTrees, t: int) -> tuple[int, int, int, int]:
+    """Roots of trees ``t .. t+3``: the start of the four interleaved walks both walkers use."""
+    r = trees.roots
+    return r[t], r[t + 1], r[t + 2], r[t + 3]
+
+
+@njit(cache=True, inline="always")
+def _add_leaves(s: float, vals: np.ndarray, a: int, b: int, c: int, d: int) -> float:
+    """Add four leaves' values in tree order (the order keeps the float sum identical to one tree at a time)."""
+    s += vals[a]
+    s += vals[b]
+    s += vals[c]
+    s += vals[d]
+    return s
+
+
+@njit(cache=True, inline="always")
+def _advance(trees: CompiledTrees, node: int, f: int, x: np.ndarray) -> tuple[int, int]:
+    """One exact step of a walk that is not at its leaf yet (``f`` = the node's feature, < 0 at a leaf): the next
+    node and its feature; a walk at its leaf stays where it is while the other three go on."""
+    if f < 0:
+        return node, f
+    node = _step(trees, node, f, x)
+    return node, trees.feature[node]
+
+
+@njit(cache=True, inline="always")
 def predict_raw_exact(trees: CompiledTrees, x: np.ndarray) -> float:
     """Raw score of one row ``x`` by walking each tree with LightGBM's full decision rule (NaN/zero handling).
 
     Four trees are walked at once: each walk is a chain of dependent loads, and interleaving four chains lets the
     CPU overlap them (about 1.7x faster here). Leaf values are still added in tree order, so the sum is the same as
     one tree at a time."""
-    feat = trees.feature
-    vals = trees.values
-    n = trees.roots.size
-    s = 0.0
-    t = 0
+    feat, vals = trees.feature, trees.values
+    s, t, n = 0.0, 0, trees.roots.size
     while t + 4 <= n:
-        a = trees.roots[t]
-        b = trees.roots[t + 1]
-        c = trees.roots[t + 2]
-        d = trees.roots[t + 3]
-        fa = feat[a]
-        fb = feat[b]
-        fc = feat[c]
-        fd = feat[d]
+        a, b, c, d = _four_roots(trees, t)
+        fa, fb, fc, fd = feat[a], feat[b], feat[c], feat[d]
         while fa >= 0 or fb >= 0 or fc >= 0 or fd >= 0:
-            if fa >= 0:
-                a = _step(trees, a, fa, x)
-                fa = feat[a]
-            if fb >= 0:
-                b = _step(trees, b, fb, x)
-                fb = feat[b]
-            if fc >= 0:
-                c = _step(trees, c, fc, x)
-                fc = feat[c]
-            if fd >= 0:
-                d = _step(trees, d, fd, x)
-                fd = feat[d]
-        s += vals[a]
-        s += vals[b]
-        s += vals[c]
-        s += vals[d]
+            a, fa = _advance(trees, a, fa, x)
+            b, fb = _advance(trees, b, fb, x)
+            c, fc = _advance(trees, c, fc, x)
+            d, fd = _advance(trees, d, fd, x)
+        s = _add_leaves(s, vals, a, b, c, d)
         t += 4
     while t < n:
         node = trees.roots[t]
@@ -402,26 +409,17 @@ def predict_raw(trees: CompiledTrees, x: np.ndarray) -> float:
         return predict_raw_exact(trees, x)
     if trees.t_ok:
         return _predict_tables(trees, x)
-    vals = trees.values
-    depth = trees.depth
-    n = trees.roots.size
-    s = 0.0
-    t = 0
+    vals, depth = trees.values, trees.depth
+    s, t, n = 0.0, 0, trees.roots.size
     while t + 4 <= n:
-        a = trees.roots[t]
-        b = trees.roots[t + 1]
-        c = trees.roots[t + 2]
-        d = trees.roots[t + 3]
+        a, b, c, d = _four_roots(trees, t)
         m = max(max(depth[t], depth[t + 1]), max(depth[t + 2], depth[t + 3]))
         for _ in range(m):
             a = _go(trees, a, x)
             b = _go(trees, b, x)
             c = _go(trees, c, x)
             d = _go(trees, d, x)
-        s += vals[a]
-        s += vals[b]
-        s += vals[c]
-        s += vals[d]
+        s = _add_leaves(s, vals, a, b, c, d)
         t += 4
     while t < n:
         node = trees.roots[t]
