@@ -212,3 +212,21 @@ def test_calibration_method_follows_slice_size_and_missing_class_is_refused(edge
     y[y == 0] = 1  # no short labels at all
     with pytest.raises(SignalModelError, match="only the classes"):
         fit_signal_models(edge_ds.X[sp.fit], y, {"lgb": SMALL["lgb"]}, seed=1)
+
+
+def test_one_pass_calibration_equals_sklearns_default_bit_for_bit(edge_ds: Dataset, edge_run: dict) -> None:
+    """calibrate_models predicts the slice once instead of in sklearn's 5 chunks: the fitted calibrators (and so
+    every probability) must be exactly those of ``CalibratedClassifierCV(FrozenEstimator(m))`` with its default cv."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.frozen import FrozenEstimator
+
+    sp = edge_ds.splits
+    X_eval = np.ascontiguousarray(edge_ds.X[sp.oos_start:sp.oos_start + 2000], dtype=np.float32)
+    for n in (600, len(sp.calib)):  # sigmoid and isotonic
+        Xc = np.ascontiguousarray(edge_ds.X[sp.calib][:n], dtype=np.float32)
+        yc = edge_ds.y[sp.calib][:n]
+        ours = calibrate_models(edge_run["raw"], Xc, yc)
+        for name, model in edge_run["raw"].items():
+            ref = CalibratedClassifierCV(FrozenEstimator(model), method=ours[name].method).fit(Xc, yc)
+            assert np.array_equal(ours[name].predict_proba(X_eval), ref.predict_proba(X_eval)), (name, n)
+            assert ours[name].get_params()["cv"] is None
