@@ -246,3 +246,21 @@ def test_position_study_on_out_of_fold_signal(ds, cfg, tmp_path):
     leaky[ds.splits.oos_start] = [0.9, 0.0]
     with pytest.raises(OOSLeakError):
         run_position_study(ds, cfg, res_dir, leaky, n_trials=1, study_name="leaky", min_trades_per_fold=8)
+
+
+def test_fold_models_are_the_same_whatever_the_number_of_model_threads(ds, cfg):
+    """fit_fold_models fits the three models side by side in threads: the models, the calibrators and so every
+    probability must be the same bit for bit as one model after the other."""
+    from ml.models.signal import default_params, ensemble_proba
+    from ml.tune.hyperparams import _train_rows, fit_fold_models
+
+    tr, va = ds.splits.folds[-1]
+    tr = _train_rows(ds, tr)
+    X = ds.X[int(va[0]):int(va[-1]) + 1]
+    one = fit_fold_models(ds, tr, default_params(), seed=3, model_workers=1)
+    three = fit_fold_models(ds, tr, default_params(), seed=3, model_workers=3)
+    assert one[2] == three[2] and one[2]["calibrated"]
+    for k in (0, 1):  # raw, calibrated
+        assert list(one[k]) == list(three[k]) == ["rf", "xgb", "lgb"]
+        for name in one[k]:
+            assert np.array_equal(ensemble_proba({name: one[k][name]}, X), ensemble_proba({name: three[k][name]}, X))

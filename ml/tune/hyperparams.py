@@ -43,6 +43,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,7 +223,8 @@ def _purged_tail(tr: np.ndarray, t1: np.ndarray, embargo: int, frac: float) -> t
 
 
 def fit_fold_models(ds: Dataset, tr: np.ndarray, params: Mapping[str, Mapping[str, Any]], seed: int,
-                    n_jobs: int = 1, tail_fraction: float = TAIL_FRACTION, calibrate: bool = True
+                    n_jobs: int = 1, tail_fraction: float = TAIL_FRACTION, calibrate: bool = True,
+                    model_workers: int | None = None
                     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Fit one fold's ensemble the way the production models are made, on the fold's training positions only.
 
@@ -234,8 +236,13 @@ def fit_fold_models(ds: Dataset, tr: np.ndarray, params: Mapping[str, Mapping[st
     forest/booster scores rarely pass it, so an uncalibrated fold barely trades and its drawdown term means little.
     Returns ``(raw models, calibrated models, info)`` (the calibrated ones are the raw ones when ``calibrate`` is
     off or the fold is too small for a tail; then all of ``tr`` is fit, without early stopping).
+
+    The three models are independent (own seed, own single-threaded library), so ``model_workers`` threads fit and
+    calibrate them side by side (default: one per core, at most one per model): the result is the same bit for bit
+    whatever the number of threads (tested), and the forest's Python overhead overlaps the boosters' native code,
+    which releases the GIL. Measured on the real quick folds: a trial 3.0 -> ~2 s on 2 cores.
     """
-    from ml.models.signal import calibrate_models, fit_signal_models, rounds_used
+    from ml.models.signal import SIGNAL_MODELS, calibrate_models, fit_signal_models, rounds_used
 
     X, y = ds.X, ds.y
     t1 = ds.labels["t1"].to_numpy(np.int64)
@@ -243,10 +250,26 @@ def fit_fold_models(ds: Dataset, tr: np.ndarray, params: Mapping[str, Mapping[st
     if head.size < 100 or tail.size < 30 or np.unique(y[tail]).size < 3 or np.unique(y[head]).size < 3:
         head, tail = tr, np.empty(0, dtype=np.int64)
     eval_set = (X[tail], y[tail]) if tail.size else None
-    models = fit_signal_models(X[head], y[head], params, seed, n_jobs=n_jobs, eval_set=eval_set)
+    Xh, yh = X[head], y[head]
+
+    def one(name: str) -> tuple[Any, Any]:
+        model = fit_signal_models(Xh, yh, {name: params[name]}, seed, n_jobs=n_jobs, eval_set=eval_set)[name]
+        return model, (calibrate_models({name: model}, X[tail], y[tail])[name] if calibrate and tail.size else model)
+
+    unknown = set(params) - set(SIGNAL_MODELS)
+    if unknown:
+        raise ValueError(f"unknown signal model(s) {sorted(unknown)}; expected {SIGNAL_MODELS}")
+    names = [name for name in SIGNAL_MODELS if name in params]  # the forest first: the longest fit starts first
+    workers = max(1, min(len(names), model_workers or common.cores()))
+    if workers == 1:
+        fitted = [one(name) for name in names]
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fold-model") as pool:
+            fitted = list(pool.map(one, names))
+    models = {name: f[0] for name, f in zip(names, fitted, strict=True)}
+    calibrated = {name: f[1] for name, f in zip(names, fitted, strict=True)}
     info = {"rounds": {name: rounds_used(m) for name, m in models.items() if name != "rf"},
             "n_fit": int(head.size), "n_tail": int(tail.size), "calibrated": bool(calibrate and tail.size)}
-    calibrated = calibrate_models(models, X[tail], y[tail]) if calibrate and tail.size else models
     return models, calibrated, info
 
 
