@@ -306,13 +306,18 @@ def _advance(trees: CompiledTrees, node: int, f: int, x: np.ndarray) -> tuple[in
     return node, trees.feature[node]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def predict_raw_exact(trees: CompiledTrees, x: np.ndarray) -> float:
     """Raw score of one row ``x`` by walking each tree with LightGBM's full decision rule (NaN/zero handling).
 
     Four trees are walked at once: each walk is a chain of dependent loads, and interleaving four chains lets the
     CPU overlap them (about 1.7x faster here). Leaf values are still added in tree order, so the sum is the same as
-    one tree at a time."""
+    one tree at a time.
+
+    Not inlined (numba's ``inline="always"`` works on its IR): this is the rare path (a NaN or zero meets a
+    missing-value rule), and inlining it, with the table-less walker, at every call site made the kernel's first
+    compile take 156 s instead of 36 s (measured; CI, every fresh install and every replay worker pay it) with no
+    measurable gain in speed (bench/backtest_speed.py, within its +-20 % noise)."""
     feat, vals = trees.feature, trees.values
     s, t, n = 0.0, 0, trees.roots.size
     while t + 4 <= n:
@@ -409,6 +414,13 @@ def predict_raw(trees: CompiledTrees, x: np.ndarray) -> float:
         return predict_raw_exact(trees, x)
     if trees.t_ok:
         return _predict_tables(trees, x)
+    return _predict_walk(trees, x)
+
+
+@njit(cache=True)
+def _predict_walk(trees: CompiledTrees, x: np.ndarray) -> float:
+    """The branch-free walk of :func:`predict_raw` for models too big for lookup tables (not inlined: a rare path
+    kept out of the kernel's hot loop and out of its compile time)."""
     vals, depth = trees.values, trees.depth
     s, t, n = 0.0, 0, trees.roots.size
     while t + 4 <= n:

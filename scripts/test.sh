@@ -25,7 +25,7 @@ fi
 .venv/bin/python -m ruff check .
 .venv/bin/lint-imports                    # the layer contract in pyproject.toml: an upward import fails CI
 set +e
-.venv/bin/python -m pytest -q -n 2 "$@"
+.venv/bin/python -m pytest -q -n 2 --durations=15 "$@"   # the 15 slowest tests in the log: where CI time goes
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi
