@@ -50,7 +50,7 @@ import pandas as pd
 
 from core.config import Config, config_to_json, load_config, parse_config
 from core.errors import UserError
-from core.io import atomic_write, atomic_write_json
+from core.io import atomic_write, atomic_write_json, fsync_dir, fsync_tree
 from core.paths import Paths
 from ml.models.manifest import signing_key
 
@@ -156,7 +156,9 @@ class SetStore:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(models_dir, tmp / "models")
             shutil.copy2(config_path, tmp / "config.json")
+            fsync_tree(tmp)  # on disk before the rename publishes it: a resumed replay trusts what it finds
             os.replace(tmp, dest)
+            fsync_dir(self.folder)
         return sid
 
     def models(self, sid: str) -> Path:
