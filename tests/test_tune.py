@@ -68,6 +68,22 @@ def test_storage_urls(tmp_path):
         common.open_storage("postgresql+psycopg2://u:pw@127.0.0.1:1/d")
 
 
+def test_sqlite_storage_is_in_wal_mode_and_keeps_trials_across_opens(tmp_path):
+    import sqlite3
+
+    url = common.resolve_storage(None, tmp_path)
+    study = common.create_or_load_study("wal", common.open_storage(url), seed=1)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    storage = common.open_storage(url)
+    with storage.engine.connect() as conn:  # what every connection of the storage runs with
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    with sqlite3.connect(tmp_path / "optuna.db") as raw:  # the mode is the file's: a plain reader sees it too
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    again = common.create_or_load_study("wal", common.open_storage(url), seed=1)
+    assert [t.params for t in again.trials] == [t.params for t in study.trials] and len(again.trials) == 3
+
+
 def test_run_folds_reports_every_fold_and_prunes():
     """A cheap objective through the same fold loop: each trial reports per fold, bad trials are pruned."""
     folds = [(np.arange(0, 10), np.arange(12, 20)), (np.arange(0, 20), np.arange(22, 30)),

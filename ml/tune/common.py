@@ -115,8 +115,30 @@ def redact_url(url: str) -> str:
         return url.split("@")[-1] if "@" in url else url
 
 
+def _set_wal(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def _sqlite_wal(storage: optuna.storages.RDBStorage) -> None:
+    """Every connection of ``storage`` in WAL mode with ``synchronous=NORMAL``.
+
+    Why: in its default mode SQLite syncs the disk at every commit, and a trial commits ~30 times (each suggested
+    parameter, each fold's report, the attributes, the state). Measured with an instant objective: 243 ms per trial
+    against 134 ms with WAL (29 ms in memory), ~15 s of a 150-trial weekly run. WAL still survives a killed process
+    (the log is replayed on the next open); a power cut can lose the last commits, never corrupt the file, and a
+    study is re-runnable. The database is never copied as a file (backups and the Hub take models and config only),
+    so its ``-wal`` / ``-shm`` companions need no care."""
+    from sqlalchemy import event
+
+    event.listen(storage.engine, "connect", _set_wal)
+    storage.engine.dispose()  # connections opened before the listener (table creation) are not reused
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An :class:`optuna.storages.RDBStorage` with a heartbeat, and a lock timeout for SQLite.
+    """An :class:`optuna.storages.RDBStorage` with a heartbeat, and for SQLite a lock timeout and WAL mode.
 
     Why the timeout: with parallel trials (``n_jobs > 1``) the SQLite file is written from several threads; the default
     5 s lock wait can fail a trial on a slow disk.
@@ -132,8 +154,11 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: stable enough
-                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                                                  grace_period=GRACE_S)
+                storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                                                     grace_period=GRACE_S)
+            if url.startswith("sqlite"):
+                _sqlite_wal(storage)
+            return storage
         except (IntegrityError, ProgrammingError):
             # Two workers creating the tables of a fresh database at once: one loses the race; the tables exist now.
             if attempt == 5:
