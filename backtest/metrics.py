@@ -297,50 +297,47 @@ def _evidence_conditions(ev: Mapping[str, Any] | None, rules: GateRules, first_r
     ev = ev or {}
     out: list[Condition] = []
 
-    def judged(name: str, what: str, thr: float, build: Callable[[float, Mapping[str, Any]], Condition]) -> Condition:
-        """``build(value, evidence)`` when evidence ``what`` was computed and holds the number ``name``; otherwise a
-        failed condition that says why it cannot be judged (missing evidence never lets a set through)."""
+    Texts = Callable[[float, str, Mapping[str, Any]], tuple[str, str]]
+
+    def judged(name: str, what: str, thr: float, at_least: bool, texts: Texts) -> Condition:
+        """The condition ``value >= thr`` (``at_least``) or ``value <= thr`` on the number ``name`` of evidence
+        ``what``, worded by ``texts(value, comparison sign, evidence) -> (short, long)``; a failed condition that
+        says why when the evidence was not computed (missing evidence never lets a set through)."""
         got = ev.get(what) or {}
         if got.get("ok") and got.get(name) is not None:
-            return build(float(got[name]), got)
+            v = float(got[name])
+            ok = v >= thr if at_least else v <= thr
+            short, long = texts(v, (">=" if ok else "<") if at_least else ("<=" if ok else ">"), got)
+            return Condition(name, ok, v, thr, short, long)
         why = got.get("reason") or f"no {what} evidence was computed"
         return Condition(name, False, None, thr, f"{name}: not computable ({why})",
                          f"cannot be judged: {why}; without it the set is not deployed")
 
-    def prob_better(p: float, pb: Mapping[str, Any]) -> Condition:
-        ok = p >= rules.min_prob_better
-        return Condition(
-            "prob_better", ok, p, rules.min_prob_better,
-            f"P(new beats deployed) {p:.3f} {'>=' if ok else '<'} {rules.min_prob_better:.2f}",
-            f"resampling the {pb.get('n_days')} out-of-sample days in blocks, the new set made more per day "
-            f"than the deployed one in {p:.0%} of {pb.get('resamples')} replays; "
-            f"{rules.min_prob_better:.0%} are needed")
+    def prob_better(p: float, sign: str, pb: Mapping[str, Any]) -> tuple[str, str]:
+        return (f"P(new beats deployed) {p:.3f} {sign} {rules.min_prob_better:.2f}",
+                f"resampling the {pb.get('n_days')} out-of-sample days in blocks, the new set made more per day "
+                f"than the deployed one in {p:.0%} of {pb.get('resamples')} replays; "
+                f"{rules.min_prob_better:.0%} are needed")
 
-    def dsr(d: float, ds: Mapping[str, Any]) -> Condition:
-        ok = d >= rules.min_dsr
-        return Condition(
-            "dsr", ok, d, rules.min_dsr,
-            f"deflated Sharpe {d:.3f} {'>=' if ok else '<'} {rules.min_dsr:.2f} (N={ds.get('n_trials')})",
-            f"the run tried {ds.get('n_trials')} configurations; the best of that many pure-luck tries would "
-            f"reach an annual Sharpe of about {float(ds.get('sr0_annual', 0.0)):.2f}, the new set has "
-            f"{float(ds.get('sharpe_annual', 0.0)):.2f}: a result this good would come from pure luck in "
-            f"{_one_in(1.0 - d)} searches of this size (confidence {d:.0%}, {rules.min_dsr:.0%} needed)")
+    def dsr(d: float, sign: str, ds: Mapping[str, Any]) -> tuple[str, str]:
+        return (f"deflated Sharpe {d:.3f} {sign} {rules.min_dsr:.2f} (N={ds.get('n_trials')})",
+                f"the run tried {ds.get('n_trials')} configurations; the best of that many pure-luck tries would "
+                f"reach an annual Sharpe of about {float(ds.get('sr0_annual', 0.0)):.2f}, the new set has "
+                f"{float(ds.get('sharpe_annual', 0.0)):.2f}: a result this good would come from pure luck in "
+                f"{_one_in(1.0 - d)} searches of this size (confidence {d:.0%}, {rules.min_dsr:.0%} needed)")
 
-    def pbo(v: float, pb: Mapping[str, Any]) -> Condition:
-        ok = v <= rules.max_pbo
+    def pbo(v: float, sign: str, pb: Mapping[str, Any]) -> tuple[str, str]:
         loss = pb.get("prob_oos_loss")
-        return Condition(
-            "pbo", ok, v, rules.max_pbo,
-            f"PBO {v:.3f} {'<=' if ok else '>'} {rules.max_pbo:.2f} ({pb.get('n_splits')} CSCV splits)",
-            f"when the sweep picks its best setting on half of its days, that setting lands in the worse half "
-            f"on the other half in {v:.0%} of the {pb.get('n_splits')} ways to split them (at most "
-            f"{rules.max_pbo:.0%} allowed)" + (f"; it lost money there in {float(loss):.0%}" if loss is not None
-                                               else ""))
+        return (f"PBO {v:.3f} {sign} {rules.max_pbo:.2f} ({pb.get('n_splits')} CSCV splits)",
+                f"when the sweep picks its best setting on half of its days, that setting lands in the worse half "
+                f"on the other half in {v:.0%} of the {pb.get('n_splits')} ways to split them (at most "
+                f"{rules.max_pbo:.0%} allowed)" + (f"; it lost money there in {float(loss):.0%}" if loss is not None
+                                                   else ""))
 
     if not first_run:
-        out.append(judged("prob_better", "paired_full", rules.min_prob_better, prob_better))
-    out.append(judged("dsr", "dsr", rules.min_dsr, dsr))
-    out.append(judged("pbo", "pbo", rules.max_pbo, pbo))
+        out.append(judged("prob_better", "paired_full", rules.min_prob_better, True, prob_better))
+    out.append(judged("dsr", "dsr", rules.min_dsr, True, dsr))
+    out.append(judged("pbo", "pbo", rules.max_pbo, False, pbo))
     if rules.holdout_not_worse:
         ho = ev.get("holdout") or {}
         new_h = ho.get("new")
