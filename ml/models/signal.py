@@ -188,10 +188,16 @@ def fit_signal_models(X: np.ndarray, y: np.ndarray, params: Mapping[str, Mapping
             else:
                 model.fit(X, y, sample_weight=sample_weight)
         out[name] = model
+    check_model_names(params)
+    return out
+
+
+def check_model_names(params: Mapping[str, Any]) -> list[str]:
+    """The keys of ``params`` in :data:`SIGNAL_MODELS` order (the forest first); an unknown key is an error."""
     unknown = set(params) - set(SIGNAL_MODELS)
     if unknown:
         raise ValueError(f"unknown signal model(s) {sorted(unknown)}; expected {SIGNAL_MODELS}")
-    return out
+    return [name for name in SIGNAL_MODELS if name in params]
 
 
 def rounds_used(model: Any) -> int | None:
