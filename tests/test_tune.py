@@ -264,19 +264,29 @@ def test_position_study_on_out_of_fold_signal(ds, cfg, tmp_path):
         run_position_study(ds, cfg, res_dir, leaky, n_trials=1, study_name="leaky", min_trades_per_fold=8)
 
 
-def test_fold_models_are_the_same_whatever_the_number_of_model_threads(ds, cfg):
-    """fit_fold_models fits the three models side by side in threads: the models, the calibrators and so every
-    probability must be the same bit for bit as one model after the other."""
-    from ml.models.signal import default_params, ensemble_proba
-    from ml.tune.hyperparams import _train_rows, fit_fold_models
+def test_fold_models_are_the_same_bits_in_threads_and_one_after_the_other(ds, cfg):
+    """The study fits a fold's three models side by side in threads (FoldModelPool) and predicts the fold's whole
+    bar range once: the raw and calibrated probabilities, and so the ensemble the fold is scored and backtested on,
+    must be the same bits with one thread or three, and as fitting the models one after the other and calling
+    ensemble_proba (what production does) on the scored rows and on the backtest range."""
+    from ml.models.signal import combine_proba, default_params, ensemble_proba
+    from ml.tune.hyperparams import FoldModelPool, _fit_one, _train_rows, fold_rows
 
     tr, va = ds.splits.folds[-1]
     tr = _train_rows(ds, tr)
-    X = ds.X[int(va[0]):int(va[-1]) + 1]
-    one = fit_fold_models(ds, tr, default_params(), seed=3, model_workers=1)
-    three = fit_fold_models(ds, tr, default_params(), seed=3, model_workers=3)
-    assert one[2] == three[2] and one[2]["calibrated"]
-    for k in (0, 1):  # raw, calibrated
-        assert list(one[k]) == list(three[k]) == ["rf", "xgb", "lgb"]
-        for name in one[k]:
-            assert np.array_equal(ensemble_proba({name: one[k][name]}, X), ensemble_proba({name: three[k][name]}, X))
+    s, e = int(va[0]), int(va[-1]) + 1
+    params = default_params()
+    head, tail = fold_rows(ds, tr)
+    assert tail.size > 0
+    ref = {name: _fit_one(ds.X, ds.y, head, tail, name, params[name], 3, 1, True) for name in params}
+    scored = np.arange(s, e)[::3]  # a subset of the range, as the objective scores the label-valid bars only
+    want_raw = ensemble_proba({n: m[0] for n, m in ref.items()}, ds.X[scored])
+    want_cal = ensemble_proba({n: m[1] for n, m in ref.items()}, ds.X[s:e])
+    assert not np.array_equal(want_raw, ensemble_proba({n: m[1] for n, m in ref.items()}, ds.X[scored]))
+    for workers in (1, 3):
+        with FoldModelPool(ds, workers=workers) as pool:
+            raw, cal, info = pool.fit_predict(tr, params, (s, e), seed=3)
+        assert list(raw) == list(cal) == ["rf", "xgb", "lgb"]
+        assert info["calibrated"] and info["n_tail"] == tail.size and set(info["rounds"]) == {"xgb", "lgb"}
+        assert np.array_equal(combine_proba({n: p[scored - s] for n, p in raw.items()}), want_raw), workers
+        assert np.array_equal(combine_proba(cal), want_cal), workers

@@ -428,6 +428,31 @@ def ensemble_proba(models: Mapping[str, Any], X: np.ndarray,
     Models are combined in :data:`SIGNAL_MODELS` order so the floating-point sum is the same on every call.
     ``weights`` is a mapping name -> weight or a sequence in that order; None means equal weights.
     """
+    names, w = _ensemble_weights(models, weights)
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    used = {name: float(wi) for name, wi in zip(names, w, strict=True) if wi > 0}
+    return combine_proba({name: _proba3(models[name], X) for name in used}, used)
+
+
+def combine_proba(probas: Mapping[str, np.ndarray],
+                  weights: Mapping[str, float] | Sequence[float] | None = None) -> np.ndarray:
+    """What :func:`ensemble_proba` returns, from the models' own (n, 3) probabilities (:func:`model_proba`)
+    computed elsewhere, e.g. in a tuning worker process: the same weights, order and arithmetic, so the same bits."""
+    names, w = _ensemble_weights(probas, weights)
+    acc = np.zeros((np.asarray(probas[names[0]]).shape[0], N_CLASSES), dtype=np.float64)
+    for wi, name in zip(w, names, strict=True):
+        if wi > 0:
+            acc += wi * np.asarray(probas[name], dtype=np.float64)
+    return acc / w.sum()
+
+
+def model_proba(model: Any, X: np.ndarray) -> np.ndarray:
+    """One model's (n, 3) class probabilities as :func:`ensemble_proba` uses them (float32 inputs)."""
+    return _proba3(model, np.ascontiguousarray(X, dtype=np.float32))
+
+
+def _ensemble_weights(models: Mapping[str, Any], weights: Mapping[str, float] | Sequence[float] | None
+                      ) -> tuple[list[str], np.ndarray]:
     names = [n for n in SIGNAL_MODELS if n in models] + [n for n in models if n not in SIGNAL_MODELS]
     if not names:
         raise ValueError("ensemble_proba needs at least one model")
@@ -441,12 +466,7 @@ def ensemble_proba(models: Mapping[str, Any], X: np.ndarray,
             raise ValueError(f"{w.size} weights for {len(names)} models")
     if np.any(w < 0) or w.sum() <= 0:
         raise ValueError(f"ensemble weights must be non-negative with a positive sum, got {w.tolist()}")
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    acc = np.zeros((X.shape[0], N_CLASSES), dtype=np.float64)
-    for wi, name in zip(w, names, strict=True):
-        if wi > 0:
-            acc += wi * _proba3(models[name], X)
-    return acc / w.sum()
+    return names, w
 
 
 def p_long_short(proba: np.ndarray) -> np.ndarray:

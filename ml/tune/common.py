@@ -203,15 +203,15 @@ def create_or_load_study(name: str, storage: str | optuna.storages.BaseStorage, 
                          n_startup_trials: int = 10, user_attrs: dict[str, Any] | None = None) -> optuna.Study:
     """Create the study, or load it when it exists (``load_if_exists=True``), with a seeded multivariate TPE sampler.
 
-    ``pruner`` defaults to ``MedianPruner(n_startup_trials=5, n_warmup_steps=1)``: a trial may be pruned from its
-    second fold on, once five trials have finished. ``user_attrs`` are recorded on a new study; a recorded
+    ``pruner`` defaults to :func:`median_pruner`: a trial may be pruned after its first fold, once five trials
+    have finished. ``user_attrs`` are recorded on a new study; a recorded
     ``fingerprint`` that differs from the given one means the study was made on other data and is refused.
     """
     # One log line per trial: ours (_Progress, after each trial) says more than Optuna's own INFO lines ("Trial N
     # finished ...", "A new study created ..."), which would double every trial in the weekly log.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     st = open_storage(storage) if isinstance(storage, str) else storage
-    pr = pruner if pruner is not None else MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+    pr = pruner if pruner is not None else median_pruner()
     study = optuna.create_study(storage=st, study_name=name, direction=direction, pruner=pr, load_if_exists=True,
                                 sampler=TPESampler(seed=seed))
     attrs = dict(user_attrs or {})
@@ -277,11 +277,23 @@ def warm_start(study: optuna.Study, k: int) -> dict[str, Any] | None:
     return rec
 
 
+def median_pruner() -> MedianPruner:
+    """The default pruner: ``MedianPruner(n_startup_trials=5, n_warmup_steps=0)`` on the running fold mean.
+
+    At fold ``k`` a trial is compared with the other trials *at the same fold*, so folds of different difficulty
+    are not mixed. It may stop a trial after its first fold: the folds are expanding walk-forward windows, so the
+    first is the cheapest (a quarter of a trial's cost on the real data) and it already tells most hopeless sets
+    apart. Measured on the real 2023-2024 file, 100 trials: pruning from the second fold on took 193 s (83 pruned
+    after fold 1), from the first 106 s (87 pruned after fold 0), best objective 0.39416 vs 0.39362 (the tolerance
+    the benchmark holds it to is 0.01); README "Performance".
+    """
+    return MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+
+
 def make_pruner(kind: str, enabled: bool = True) -> BasePruner:
     """The fold-wise pruner by name (``tuning.pruner``); ``enabled=False`` = no pruning (the slow reference).
 
-    * ``median``: ``MedianPruner(n_startup_trials=5, n_warmup_steps=1)`` on the running fold mean: at fold ``k`` a
-      trial is compared with the other trials *at the same fold*, so folds of different difficulty are not mixed.
+    * ``median``: :func:`median_pruner` on the running fold mean, from the first fold on.
     * ``wilcoxon``: Optuna's ``WilcoxonPruner`` on the per-fold values (paired with the best trial's folds). Why it
       is not the default: with 3 folds it cannot prune: a one-sided signed-rank test on the 2 paired folds seen
       before the last has a smallest possible p-value of 0.25 > its 0.1 threshold (README, measured: 0 pruned).
@@ -295,7 +307,7 @@ def make_pruner(kind: str, enabled: bool = True) -> BasePruner:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return WilcoxonPruner(p_threshold=0.1, n_startup_steps=2)
     if kind == "median":
-        return MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+        return median_pruner()
     raise ValueError(f"unknown pruner {kind!r}")
 
 

@@ -7,7 +7,7 @@ Objective of one trial (maximised)::
 
 * fold ``k`` = ``Dataset.splits.folds[k]``: training positions (purged, CUSUM events only when
   ``labels.cusum_atr > 0``) and the next walk-forward block as validation, all inside the training window;
-* the fold's ensemble is made the way production makes it (:func:`fit_fold_models`): the three models are fit with
+* the fold's ensemble is made the way production makes it (:class:`FoldModelPool`): the three models are fit with
   the trial's parameters on the fold's training positions, the boosters stop early on the purged last 15 % of those
   positions (``n_estimators`` is only a cap) and each model is calibrated on that same later tail. The validation
   block is used for nothing but the score;
@@ -20,7 +20,7 @@ Objective of one trial (maximised)::
   ensemble's (p_long, p_short) over *every* bar of the validation block's range, with the active trading parameters
   of config.json and the fixed ATR stops (no SL/TP, position or risk model exists at this stage): it trades the way
   production would;
-* after each fold the running mean is reported; the median pruner stops hopeless trials from the second fold on.
+* after each fold the running mean is reported; the median pruner stops hopeless trials from the first fold on.
 
 The final OOS window is never read: every index the objective receives passes :func:`ml.tune.common.guard_indices`
 (the ``index_hook`` argument lets the tests record them).
@@ -222,68 +222,121 @@ def _purged_tail(tr: np.ndarray, t1: np.ndarray, embargo: int, frac: float) -> t
     return head, tail
 
 
-def fit_fold_models(ds: Dataset, tr: np.ndarray, params: Mapping[str, Mapping[str, Any]], seed: int,
-                    n_jobs: int = 1, tail_fraction: float = TAIL_FRACTION, calibrate: bool = True,
-                    model_workers: int | None = None
-                    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Fit one fold's ensemble the way the production models are made, on the fold's training positions only.
-
-    The boosters early-stop on the purged last ``tail_fraction`` of ``tr`` and, with ``calibrate``, every model is
-    then calibrated on that same later tail (:func:`ml.models.signal.calibrate_models`), like ``train_signal`` does
-    with its calib slice. Why not early-stop on the validation block: the block is what the fold is scored on, and
-    choosing the round count there inflates the low-learning-rate trials. Why calibrate: the fold's backtest trades
-    when a probability passes ``confidence_threshold``, which is a calibrated probability in production; raw
-    forest/booster scores rarely pass it, so an uncalibrated fold barely trades and its drawdown term means little.
-    Returns ``(raw models, calibrated models, info)`` (the calibrated ones are the raw ones when ``calibrate`` is
-    off or the fold is too small for a tail; then all of ``tr`` is fit, without early stopping).
-
-    The three models are independent (own seed, own single-threaded library), so ``model_workers`` threads fit and
-    calibrate them side by side (default: one per core, at most one per model): the result is the same bit for bit
-    whatever the number of threads (tested), and the forest's Python overhead overlaps the boosters' native code,
-    which releases the GIL. Measured on the real quick folds: a trial 3.0 -> ~2 s on 2 cores.
-    """
-    from ml.models.signal import calibrate_models, check_model_names, fit_signal_models, rounds_used
-
-    X, y = ds.X, ds.y
+def fold_rows(ds: Dataset, tr: np.ndarray, tail_fraction: float = TAIL_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, tail rows) of a fold's training positions: the purged head and the later tail the boosters stop
+    early on and every model is calibrated on; ``tail`` is empty when the fold is too small for one (then all of
+    ``tr`` is fit, without early stopping or calibration)."""
     t1 = ds.labels["t1"].to_numpy(np.int64)
+    y = ds.y
     head, tail = _purged_tail(tr, t1, int(ds.splits.embargo), tail_fraction)
     if head.size < 100 or tail.size < 30 or np.unique(y[tail]).size < 3 or np.unique(y[head]).size < 3:
         head, tail = tr, np.empty(0, dtype=np.int64)
-    Xh, yh, Xt, yt = X[head], y[head], X[tail], y[tail]
+    return head, tail
+
+
+def _fit_one(X: np.ndarray, y: np.ndarray, head: np.ndarray, tail: np.ndarray, name: str,
+             params: Mapping[str, Any], seed: int, n_jobs: int, calibrate: bool) -> tuple[Any, Any]:
+    """One model of a fold, made the way the production models are made, on the fold's training rows only.
+
+    The boosters early-stop on the purged later ``tail`` of the fold's training positions and, with ``calibrate``,
+    the model is then calibrated on that same tail (:func:`ml.models.signal.calibrate_models`), like
+    ``train_signal`` does with its calib slice. Why not early-stop on the validation block: the block is what the
+    fold is scored on, and choosing the round count there inflates the low-learning-rate trials. Why calibrate: the
+    fold's backtest trades when a probability passes ``confidence_threshold``, which is a calibrated probability in
+    production; raw forest/booster scores rarely pass it, so an uncalibrated fold barely trades and its drawdown
+    term means little. Returns ``(raw model, calibrated model)`` (the same object without a tail or ``calibrate``).
+    """
+    from ml.models.signal import calibrate_models, fit_signal_models
+
+    Xt, yt = X[tail], y[tail]
     eval_set = (Xt, yt) if tail.size else None
+    model = fit_signal_models(X[head], y[head], {name: params}, seed, n_jobs=n_jobs, eval_set=eval_set)[name]
+    return model, (calibrate_models({name: model}, Xt, yt)[name] if calibrate and tail.size else model)
 
-    def one(name: str) -> tuple[Any, Any]:
-        model = fit_signal_models(Xh, yh, {name: params[name]}, seed, n_jobs=n_jobs, eval_set=eval_set)[name]
-        return model, (calibrate_models({name: model}, Xt, yt)[name] if calibrate and tail.size else model)
 
-    names = check_model_names(params)  # the forest first: the longest fit starts first
-    workers = max(1, min(len(names), model_workers or common.cores()))
-    if workers == 1:
-        fitted = [one(name) for name in names]
-    else:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fold-model") as pool:
-            fitted = list(pool.map(one, names))
-    models = {name: f[0] for name, f in zip(names, fitted, strict=True)}
-    calibrated = {name: f[1] for name, f in zip(names, fitted, strict=True)}
-    info = {"rounds": {name: rounds_used(m) for name, m in models.items() if name != "rf"},
-            "n_fit": int(head.size), "n_tail": int(tail.size), "calibrated": bool(calibrate and tail.size)}
-    return models, calibrated, info
+def _fit_predict_one(X: np.ndarray, y: np.ndarray, name: str, params: Mapping[str, Any], head: np.ndarray,
+                     tail: np.ndarray, bars: tuple[int, int], seed: int, n_jobs: int, calibrate: bool
+                     ) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """Fit one model of a fold (:func:`_fit_one`) and return its raw and calibrated (n, 3) probabilities on the
+    bars ``[s, e)`` and its boosting rounds."""
+    from ml.models.signal import model_proba, rounds_used
+
+    model, cal = _fit_one(X, y, head, tail, name, params, seed, n_jobs, calibrate)
+    Xs = X[bars[0]:bars[1]]
+    raw = model_proba(model, Xs)
+    return raw, (raw if cal is model else model_proba(cal, Xs)), rounds_used(model)
+
+
+class FoldModelPool:
+    """Fits a fold's three models side by side (threads) and returns their probabilities on the fold's bars.
+
+    The three models are independent (own seed, own single-threaded library), so one thread per model fits and
+    calibrates them side by side: the forest's Python overhead overlaps the boosters' native code, which releases
+    the GIL (measured on the real folds: ~1.6 cores busy on 2). Worker *processes* were measured too and were not
+    faster (105.7 s threads vs 112.7 s processes for the real 100-trial study): three unequal tasks per fold leave a
+    core idle either way. The pool lives as long as the study, not one per fold. The result is the same bits
+    whatever the number of threads, and the same as fitting the models one after the other and calling
+    :func:`ml.models.signal.ensemble_proba` (tested): a row's prediction does not depend on the other rows, so
+    predicting the fold's whole bar range once serves both the F1 on its scored bars and the backtest.
+    """
+
+    def __init__(self, ds: Dataset, workers: int | None = None) -> None:
+        from ml.models.signal import SIGNAL_MODELS
+
+        self.ds = ds
+        self.workers = max(1, min(len(SIGNAL_MODELS), workers or common.cores()))
+        self._X = np.ascontiguousarray(ds.X, dtype=np.float32)  # what every model sees (fit_signal_models)
+        self._y = np.asarray(ds.y, dtype=np.int64)
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fold-model") if self.workers > 1 else None
+
+    def fit_predict(self, tr: np.ndarray, params: Mapping[str, Mapping[str, Any]], bars: tuple[int, int],
+                    seed: int, n_jobs: int = 1, calibrate: bool = True, tail_fraction: float = TAIL_FRACTION
+                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+        """``(raw probabilities, calibrated probabilities, info)`` of the fold trained on ``tr`` over ``bars``
+        (each a dict model name -> (e - s, 3) array; ``info``: boosting rounds used and row counts)."""
+        from ml.models.signal import check_model_names
+
+        head, tail = fold_rows(self.ds, tr, tail_fraction)
+        names = check_model_names(params)  # the forest first: the longest fit starts first
+        args = [(self._X, self._y, name, params[name], head, tail, (int(bars[0]), int(bars[1])), int(seed),
+                 int(n_jobs), bool(calibrate)) for name in names]
+        if self._pool is None:
+            out = [_fit_predict_one(*a) for a in args]
+        else:
+            out = [f.result() for f in [self._pool.submit(_fit_predict_one, *a) for a in args]]
+        raw = {name: o[0] for name, o in zip(names, out, strict=True)}
+        cal = {name: o[1] for name, o in zip(names, out, strict=True)}
+        info = {"rounds": {name: o[2] for name, o in zip(names, out, strict=True) if name != "rf"},
+                "n_fit": int(head.size), "n_tail": int(tail.size), "calibrated": bool(calibrate and tail.size)}
+        return raw, cal, info
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> FoldModelPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------------------------------- objective
 def make_objective(ds: Dataset, cfg: Config, n_threads: int = 1, index_hook: IndexHook | None = None,
-                   backtester: FoldBacktester | None = None, calibrate: bool = True
-                   ) -> Callable[[optuna.Trial], float]:
+                   backtester: FoldBacktester | None = None, calibrate: bool = True,
+                   pool: FoldModelPool | None = None) -> Callable[[optuna.Trial], float]:
     """The trial function (see the module docstring). ``index_hook(what, positions)`` sees every index array the
-    objective reads, after the guard (tests record them)."""
-    from ml.models.signal import ensemble_proba, p_long_short, signal_metrics
+    objective reads, after the guard (tests record them). ``pool`` fits the folds' models (default: a new
+    :class:`FoldModelPool`; :func:`run_signal_study` passes the one it closes at the end)."""
+    from ml.models.signal import combine_proba, p_long_short, signal_metrics
 
-    X, y = ds.X, ds.y
+    y = ds.y
     valid = ds.labels["valid"].to_numpy(bool)
     seed = int(cfg.tuning.seed)
     oos_start = int(ds.splits.oos_start)
     bt = backtester or FoldBacktester(ds, cfg)
     hook = index_hook or (lambda what, idx: None)
+    fits = pool or FoldModelPool(ds)
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest_signal_params(trial)
@@ -297,10 +350,10 @@ def make_objective(ds: Dataset, cfg: Config, n_threads: int = 1, index_hook: Ind
             hook("train", tr)
             hook("val", va)
             hook("bars", bars)
-            raw, cal, info = fit_fold_models(ds, tr, params, seed, n_jobs=n_threads, calibrate=calibrate)
+            raw, cal, info = fits.fit_predict(tr, params, (s, e), seed, n_jobs=n_threads, calibrate=calibrate)
             scored = bars[valid[s:e]]  # every label-valid bar of the block, whatever the training sampling
-            f1 = signal_metrics(y[scored], ensemble_proba(raw, X[scored]))["f1_macro"]
-            res = bt.run(s, e, p_long_short(ensemble_proba(cal, X[s:e])))
+            f1 = signal_metrics(y[scored], combine_proba({n: p[scored - s] for n, p in raw.items()}))["f1_macro"]
+            res = bt.run(s, e, p_long_short(combine_proba(cal)))
             value = f1 * max(0.0, 1.0 - res["max_drawdown_pct"] / 100.0)
             return value, {"f1": round(f1, 5), "max_dd_pct": round(res["max_drawdown_pct"], 3),
                            "trades": res["trades"], "return_pct": round(res["return_pct"], 3), **info,
@@ -339,8 +392,10 @@ def run_signal_study(ds: Dataset, cfg: Config, results_dir: Path, n_trials: int 
         "kind": KIND, "fingerprint": fp, "space_version": SPACE_VERSION, "objective": "mean_k F1_macro x (1 - maxDD)",
         "n_folds": len(ds.splits.folds), "oos_start": int(ds.splits.oos_start)})
     common.warm_start(study, cfg.tuning.warm_start_trials)
-    objective = make_objective(ds, cfg, n_threads=threads, index_hook=index_hook)
-    durations = common.optimize(study, objective, KIND, n_trials, timeout=timeout, n_jobs=n_jobs, top_up=top_up)
+    with FoldModelPool(ds) as pool:
+        objective = make_objective(ds, cfg, n_threads=threads, index_hook=index_hook, pool=pool)
+        durations = common.optimize(study, objective, KIND, n_trials, timeout=timeout, n_jobs=n_jobs,
+                                    top_up=top_up)
     result = common.finish(study, durations, results_dir, KIND, extra={
         "model_params": model_params_from_flat(study.best_params), "seed": cfg.tuning.seed,
         "threads_per_trial": threads, "n_jobs": n_jobs,
@@ -369,34 +424,34 @@ def oof_signal_proba(ds: Dataset, cfg: Config, params: Mapping[str, Mapping[str,
                      ) -> OOFSignal:
     """Out-of-fold ensemble probabilities on every bar of each fold's validation range (never the OOS window).
 
-    Fold ``k``'s models are made by :func:`fit_fold_models` from that fold's training positions only (early
+    Fold ``k``'s models are made by :class:`FoldModelPool` from that fold's training positions only (early
     stopping and calibration on the purged tail of those positions) and predict the bars of its validation range,
     so every probability is out of sample and calibrated, as the live signal would be: these are the position
     model's training inputs. ``params`` are merged over the models' defaults (nested as ``fit_signal_models`` takes
     them, e.g. ``results/best_params_signal.json`` key ``model_params``).
     """
-    from ml.models.signal import SIGNAL_MODELS, default_params, ensemble_proba
+    from ml.models.signal import SIGNAL_MODELS, combine_proba, default_params
     from ml.models.signal import p_long_short as to_ls
 
     base = default_params()
     use = {name: {**base[name], **dict((params or {}).get(name, {}) or {})} for name in SIGNAL_MODELS}
     n_jobs = n_jobs or common.DEFAULT_THREADS
-    X = ds.X
     oos_start = int(ds.splits.oos_start)
     n = ds.splits.n_bars
     proba = np.full((n, 3), np.nan)
     fold_of = np.full(n, -1, dtype=np.int64)
     rounds: list[dict[str, int | None]] = []
-    for k, (tr, va) in enumerate(ds.splits.folds):
-        tr = guard_indices(_train_rows(ds, tr), oos_start, f"fold {k} train")
-        guard_indices(va, oos_start, f"fold {k} validation")
-        s, e = bar_range(va)
-        guard_indices([s, e - 1], oos_start, f"fold {k} prediction bars")
-        _raw, models, info = fit_fold_models(ds, tr, use, int(cfg.tuning.seed), n_jobs=n_jobs,
-                                             tail_fraction=tail_fraction, calibrate=calibrate)
-        rounds.append(info["rounds"])
-        proba[s:e] = ensemble_proba(models, X[s:e])
-        fold_of[s:e] = k
+    with FoldModelPool(ds) as pool:
+        for k, (tr, va) in enumerate(ds.splits.folds):
+            tr = guard_indices(_train_rows(ds, tr), oos_start, f"fold {k} train")
+            guard_indices(va, oos_start, f"fold {k} validation")
+            s, e = bar_range(va)
+            guard_indices([s, e - 1], oos_start, f"fold {k} prediction bars")
+            _raw, cal, info = pool.fit_predict(tr, use, (s, e), int(cfg.tuning.seed), n_jobs=n_jobs,
+                                               calibrate=calibrate, tail_fraction=tail_fraction)
+            rounds.append(info["rounds"])
+            proba[s:e] = combine_proba(cal)
+            fold_of[s:e] = k
     covered = np.flatnonzero(fold_of >= 0)
     pls = np.full((n, 2), np.nan)
     pls[covered] = to_ls(proba[covered])

@@ -15,7 +15,7 @@ both at the trading threshold ``trading.exit_threshold``, on the validation trad
   of everything their rows' targets read) lies at least ``embargo`` bars before the first validation trade's fill.
   All rows of one trade share its outcome, so a trade never straddles train and validation.
 * Each fold early-stops on its validation rows (binary log loss; ``num_boost_round`` is a cap) and reports the
-  running mean; the median pruner may stop a trial after its second fold.
+  running mean; the median pruner may stop a trial after its first fold.
 * An exit model that never exits scores 0 (precision of nothing is 0 here, by :func:`position_metrics`): the study
   cannot win by switching the model off.
 
