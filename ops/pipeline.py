@@ -353,7 +353,13 @@ def phase_shap(ctx: RunContext, s: dict[str, Any]) -> None:
         params = default_params()
         for k in ("xgb", "lgb"):  # no validation set here: a fixed, modest number of rounds
             params[k] = {**params[k], "n_estimators": SHAP_FALLBACK_ROUNDS, "early_stopping_rounds": 0}
-        models = fit_signal_models(ds.X[fit], ds.y[fit], params, cfg.tuning.seed)
+        from concurrent.futures import ThreadPoolExecutor
+
+        def fit_one(name: str) -> Any:  # independent, single-threaded models: side by side, the same models
+            return fit_signal_models(ds.X[fit], ds.y[fit], {name: params[name]}, cfg.tuning.seed)[name]
+
+        with ThreadPoolExecutor(max_workers=len(SIGNAL_MODELS)) as pool:
+            models = dict(zip(SIGNAL_MODELS, pool.map(fit_one, SIGNAL_MODELS), strict=True))
         s["models"] = "default params fitted on the fit window"
     previous = _previous_shap(ctx)
     rep = shap_report(models, ds.X[ds.splits.train], ds.feature_names, cfg.features.protected,
@@ -382,7 +388,7 @@ def phase_signal_study(ctx: RunContext, s: dict[str, Any]) -> None:
     res = run_signal_study(ctx.dataset(), cfg, ctx.run_dir, n_trials=cfg.tuning.signal_trials,
                            timeout=cfg.tuning.timeout_s, storage=ctx.study_storage(),
                            study_name=f"signal-{ctx.run_id}", n_jobs=cfg.tuning.n_jobs, top_up=True,
-                           pruner=ctx.pruner())
+                           pruner=ctx.pruner(), buffered=True)
     _publish_study(ctx, "signal", res, s)
 
 
@@ -420,7 +426,8 @@ def phase_position_study(ctx: RunContext, s: dict[str, Any]) -> None:
     try:
         res = run_position_study(ds, cfg, ctx.run_dir, oof.p_long_short, n_trials=cfg.tuning.position_trials,
                                  timeout=cfg.tuning.timeout_s, storage=ctx.study_storage(),
-                                 study_name=f"position-{ctx.run_id}", top_up=True, pruner=ctx.pruner())
+                                 study_name=f"position-{ctx.run_id}", top_up=True, pruner=ctx.pruner(),
+                                 buffered=True)
     except UserError as exc:
         # Too few simulated trades for purged folds is a property of this week's data, not a broken run: the
         # position model is then trained with its default parameters, and the report says so.

@@ -31,6 +31,7 @@ from ml.models.signal import (
     fit_signal_models,
     make_model,
     p_long_short,
+    raw_and_calibrated_proba,
     rounds_used,
     signal_metrics,
     train_signal,
@@ -230,3 +231,24 @@ def test_one_pass_calibration_equals_sklearns_default_bit_for_bit(edge_ds: Datas
             ref = CalibratedClassifierCV(FrozenEstimator(model), method=ours[name].method).fit(Xc, yc)
             assert np.array_equal(ours[name].predict_proba(X_eval), ref.predict_proba(X_eval)), (name, n)
             assert ours[name].get_params()["cv"] is None
+
+
+def test_raw_and_calibrated_proba_walks_once_with_the_same_bits(edge_ds: Dataset, edge_run: dict) -> None:
+    """The tuning folds get a model's raw and calibrated probabilities from one walk of its trees: both must be
+    exactly what ensemble_proba computes for the model and for its calibrated wrapper, with the sigmoid and the
+    isotonic calibrators, and the calibrated wrapper must predict as before afterwards (the served predictions are
+    only lent to it)."""
+    sp = edge_ds.splits
+    X_eval = edge_ds.X[sp.oos_start:sp.oos_start + 2000]
+    for n in (600, len(sp.calib)):  # sigmoid and isotonic
+        cal = calibrate_models(edge_run["raw"], edge_ds.X[sp.calib][:n], edge_ds.y[sp.calib][:n])
+        for name, model in edge_run["raw"].items():
+            raw, calibrated = raw_and_calibrated_proba(model, cal[name], X_eval)
+            assert np.array_equal(raw, ensemble_proba({name: model}, X_eval)), (name, n)
+            want = ensemble_proba({name: cal[name]}, X_eval)
+            assert np.array_equal(calibrated, want), (name, n)
+            assert not np.array_equal(raw, calibrated)
+            assert np.array_equal(ensemble_proba({name: cal[name]}, X_eval[:500]), want[:500])
+        other = edge_run["raw"]["xgb"]  # a calibrator of another model is not fed this model's predictions
+        assert np.array_equal(raw_and_calibrated_proba(other, cal["rf"], X_eval)[1],
+                              ensemble_proba({"rf": cal["rf"]}, X_eval))

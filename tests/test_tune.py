@@ -290,3 +290,45 @@ def test_fold_models_are_the_same_bits_in_threads_and_one_after_the_other(ds, cf
         assert info["calibrated"] and info["n_tail"] == tail.size and set(info["rounds"]) == {"xgb", "lgb"}
         assert np.array_equal(combine_proba({n: p[scored - s] for n, p in raw.items()}), want_raw), workers
         assert np.array_equal(combine_proba(cal), want_cal), workers
+
+
+def test_buffered_study_runs_the_same_trials_and_writes_the_finished_ones_to_the_database(tmp_path):
+    """The weekly run's studies run in memory and are written to SQLite when they end (common.run_study, buffered):
+    the same seed must give the same trials as running against the database, every finished trial must be in the
+    database afterwards (also when the study ends by an exception), and a resumed run tops the study up."""
+    folds = [(np.arange(0, 10), np.arange(12, 20)), (np.arange(0, 20), np.arange(22, 30)),
+             (np.arange(0, 30), np.arange(32, 40))]
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        n = trial.suggest_int("n", 1, 9)
+        return common.run_folds(trial, folds, lambda k, tr, va: (x * n / (k + 1), {"k": k}), oos_start=40)
+
+    def reload(url: str, name: str) -> optuna.Study:
+        return optuna.load_study(study_name=name, storage=common.open_storage(url))
+
+    def shape(study: optuna.Study) -> list[tuple]:
+        return [(t.number, t.state, t.params, t.value, t.intermediate_values, t.user_attrs) for t in study.trials]
+
+    url_live, url_buf = (common.resolve_storage(None, tmp_path / d) for d in ("live", "buffered"))
+    live = common.create_or_load_study("s", url_live, seed=5)
+    common.run_study(live, objective, "signal", 14)
+    buf = common.create_or_load_study("s", url_buf, seed=5)
+    common.run_study(buf, objective, "signal", 14, buffered=True)
+    assert len(reload(url_buf, "s").trials) == 14
+    assert shape(reload(url_buf, "s")) == shape(reload(url_live, "s"))
+    assert any(t.state == optuna.trial.TrialState.PRUNED for t in reload(url_buf, "s").trials)
+
+    def boom(trial: optuna.Trial) -> float:
+        if trial.number == 4:
+            raise RuntimeError("killed mid-study")
+        return objective(trial)
+
+    crashed = common.create_or_load_study("c", url_buf, seed=5)
+    with pytest.raises(RuntimeError, match="killed mid-study"):
+        common.run_study(crashed, boom, "signal", 10, buffered=True)
+    states = [t.state for t in reload(url_buf, "c").trials]
+    assert states[:4] == [optuna.trial.TrialState.COMPLETE] * 4 and states[4] == optuna.trial.TrialState.FAIL
+    resumed = common.create_or_load_study("c", url_buf, seed=5)
+    common.run_study(resumed, objective, "signal", 10, top_up=True, buffered=True)
+    assert common.n_finished(reload(url_buf, "c")) == 10

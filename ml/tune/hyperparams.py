@@ -259,12 +259,11 @@ def _fit_predict_one(X: np.ndarray, y: np.ndarray, name: str, params: Mapping[st
                      ) -> tuple[np.ndarray, np.ndarray, int | None]:
     """Fit one model of a fold (:func:`_fit_one`) and return its raw and calibrated (n, 3) probabilities on the
     bars ``[s, e)`` and its boosting rounds."""
-    from ml.models.signal import model_proba, rounds_used
+    from ml.models.signal import raw_and_calibrated_proba, rounds_used
 
     model, cal = _fit_one(X, y, head, tail, name, params, seed, n_jobs, calibrate)
-    Xs = X[bars[0]:bars[1]]
-    raw = model_proba(model, Xs)
-    return raw, (raw if cal is model else model_proba(cal, Xs)), rounds_used(model)
+    raw, calibrated = raw_and_calibrated_proba(model, cal, X[bars[0]:bars[1]])
+    return raw, calibrated, rounds_used(model)
 
 
 class FoldModelPool:
@@ -369,8 +368,8 @@ def make_objective(ds: Dataset, cfg: Config, n_threads: int = 1, index_hook: Ind
 def run_signal_study(ds: Dataset, cfg: Config, results_dir: Path, n_trials: int | None = None,
                      timeout: float | None = None, storage: str | None = None, study_name: str | None = None,
                      n_jobs: int | None = None, *, threads: int = common.DEFAULT_THREADS, top_up: bool = False,
-                     worker: int = 0, pruner: BasePruner | None = None, index_hook: IndexHook | None = None
-                     ) -> StudyResult:
+                     worker: int = 0, pruner: BasePruner | None = None, index_hook: IndexHook | None = None,
+                     buffered: bool = False) -> StudyResult:
     """Run (or continue) the signal study and write its artefacts under ``results_dir``.
 
     ``n_trials`` defaults to ``cfg.tuning.signal_trials``, ``timeout`` to ``cfg.tuning.timeout_s``, ``n_jobs``
@@ -379,7 +378,8 @@ def run_signal_study(ds: Dataset, cfg: Config, results_dir: Path, n_trials: int 
     defaults to ``sqlite:///<results_dir>/optuna.db`` and ``study_name`` to one derived from the data
     (:func:`ml.tune.common.default_study_name`). Resuming: see :mod:`ml.tune.common` (``top_up=False`` adds
     ``n_trials`` trials; ``top_up=True`` runs only the missing ones). ``pruner`` replaces the default median pruner
-    (``optuna.pruners.NopPruner()`` is the slow reference a benchmark compares against).
+    (``optuna.pruners.NopPruner()`` is the slow reference a benchmark compares against). ``buffered``: see
+    :func:`ml.tune.common.run_study` (the weekly run's setting).
     """
     results_dir = Path(results_dir)
     n_trials = int(n_trials if n_trials is not None else cfg.tuning.signal_trials)
@@ -391,11 +391,11 @@ def run_signal_study(ds: Dataset, cfg: Config, results_dir: Path, n_trials: int 
     study = common.create_or_load_study(name, url, cfg.tuning.seed, pruner=pruner, worker=worker, user_attrs={
         "kind": KIND, "fingerprint": fp, "space_version": SPACE_VERSION, "objective": "mean_k F1_macro x (1 - maxDD)",
         "n_folds": len(ds.splits.folds), "oos_start": int(ds.splits.oos_start)})
-    common.warm_start(study, cfg.tuning.warm_start_trials)
     with FoldModelPool(ds) as pool:
         objective = make_objective(ds, cfg, n_threads=threads, index_hook=index_hook, pool=pool)
-        durations = common.optimize(study, objective, KIND, n_trials, timeout=timeout, n_jobs=n_jobs,
-                                    top_up=top_up)
+        durations = common.run_study(study, objective, KIND, n_trials, timeout=timeout, n_jobs=n_jobs,
+                                     top_up=top_up, warm_start_trials=cfg.tuning.warm_start_trials,
+                                     buffered=buffered)
     result = common.finish(study, durations, results_dir, KIND, extra={
         "model_params": model_params_from_flat(study.best_params), "seed": cfg.tuning.seed,
         "threads_per_trial": threads, "n_jobs": n_jobs,

@@ -159,7 +159,7 @@ def run_position_study(ds: Dataset, cfg: Config, results_dir: Path, p_long_short
                        study_name: str | None = None, n_jobs: int | None = None, *,
                        positions: np.ndarray | None = None, top_up: bool = False, worker: int = 0,
                        min_trades_per_fold: int = MIN_TRADES_PER_FOLD, pruner: BasePruner | None = None,
-                       index_hook: IndexHook | None = None) -> StudyResult:
+                       index_hook: IndexHook | None = None, buffered: bool = False) -> StudyResult:
     """Run (or continue) the position study on the signal probabilities ``p_long_short`` and write its artefacts.
 
     ``p_long_short`` is ``(n_bars, 2)`` ``[p_long, p_short]`` on the training window, e.g.
@@ -208,9 +208,9 @@ def run_position_study(ds: Dataset, cfg: Config, results_dir: Path, p_long_short
         "kind": KIND, "fingerprint": common.fingerprint(ds, cfg, version), "space_version": SPACE_VERSION,
         "objective": "mean_k accuracy x exit_precision @ trading.exit_threshold", "n_folds": len(folds),
         "rows": stats, "oos_start": oos_start})
-    common.warm_start(study, cfg.tuning.warm_start_trials)
     objective = make_objective(rows, folds, cfg, oos_start, index_hook)
-    durations = common.optimize(study, objective, KIND, n_trials, timeout=timeout, n_jobs=n_jobs, top_up=top_up)
+    durations = common.run_study(study, objective, KIND, n_trials, timeout=timeout, n_jobs=n_jobs, top_up=top_up,
+                                 warm_start_trials=cfg.tuning.warm_start_trials, buffered=buffered)
     return common.finish(study, durations, results_dir, KIND, extra={
         "model_params": model_params_from_flat(study.best_params), "seed": cfg.tuning.seed, "n_jobs": n_jobs,
         "rows": stats, "per_trial_seconds_this_run": [round(d, 3) for d in durations]})
