@@ -417,12 +417,12 @@ def _publish_study(ctx: RunContext, kind: str, res: Any, s: dict[str, Any]) -> N
 def phase_position_study(ctx: RunContext, s: dict[str, Any]) -> None:
     """Optuna study of the position model, on positions entered by out-of-fold signal predictions."""
     from ml.tune.common import load_best_params
-    from ml.tune.hyperparams import oof_signal_proba
+    from ml.tune.hyperparams import OOF_CACHE, oof_signal_proba
     from ml.tune.position import run_position_study
 
     cfg = ctx.entry_cfg
     ds = ctx.dataset()
-    oof = oof_signal_proba(ds, cfg, load_best_params(ctx.run_dir, "signal"))
+    oof = oof_signal_proba(ds, cfg, load_best_params(ctx.run_dir, "signal"), cache=ctx.run_dir / OOF_CACHE)
     try:
         res = run_position_study(ds, cfg, ctx.run_dir, oof.p_long_short, n_trials=cfg.tuning.position_trials,
                                  timeout=cfg.tuning.timeout_s, storage=ctx.study_storage(),

@@ -332,3 +332,30 @@ def test_buffered_study_runs_the_same_trials_and_writes_the_finished_ones_to_the
     resumed = common.create_or_load_study("c", url_buf, seed=5)
     common.run_study(resumed, objective, "signal", 10, top_up=True, buffered=True)
     assert common.n_finished(reload(url_buf, "c")) == 10
+
+
+def test_out_of_fold_probabilities_reuse_the_signal_studys_best_trial_bit_for_bit(ds, cfg, tmp_path):
+    """run_signal_study keeps its best trial's fold probabilities (results/oof_signal.npz); oof_signal_proba with
+    that cache must return exactly what fitting the folds again gives, and must not use a cache made under other
+    parameters or another seed."""
+    from ml.tune.common import load_best_params
+    from ml.tune.hyperparams import OOF_CACHE, oof_signal_proba, run_signal_study
+
+    res_dir = tmp_path / "results"
+    res = run_signal_study(ds, cfg, res_dir, n_trials=3)
+    cache = res_dir / OOF_CACHE
+    assert cache.exists()
+    params = load_best_params(res_dir, "signal")
+    fresh = oof_signal_proba(ds, cfg, params)
+    cached = oof_signal_proba(ds, cfg, params, cache=cache)
+    assert np.array_equal(cached.positions, fresh.positions) and np.array_equal(cached.fold, fresh.fold)
+    assert np.array_equal(cached.proba, fresh.proba, equal_nan=True)
+    assert np.array_equal(cached.p_long_short, fresh.p_long_short, equal_nan=True)
+    assert cached.rounds == fresh.rounds
+    assert res.study.best_trial.user_attrs["fold0"]["rounds"] == fresh.rounds[0]
+    other = {**params, "xgb": {**params["xgb"], "learning_rate": params["xgb"]["learning_rate"] * 1.5}}
+    assert not np.array_equal(oof_signal_proba(ds, cfg, other, cache=cache).proba, cached.proba, equal_nan=True)
+    raw = cfg.model_dump(mode="json")
+    raw["tuning"]["seed"] = cfg.tuning.seed + 1
+    reseeded = oof_signal_proba(ds, parse_config(raw, "test"), params, cache=cache)
+    assert not np.array_equal(reseeded.proba, cached.proba, equal_nan=True)
