@@ -264,11 +264,12 @@ def test_position_study_on_out_of_fold_signal(ds, cfg, tmp_path):
         run_position_study(ds, cfg, res_dir, leaky, n_trials=1, study_name="leaky", min_trades_per_fold=8)
 
 
-def test_fold_models_are_the_same_bits_in_threads_and_one_after_the_other(ds, cfg):
-    """The study fits a fold's three models side by side in threads (FoldModelPool) and predicts the fold's whole
-    bar range once: the raw and calibrated probabilities, and so the ensemble the fold is scored and backtested on,
-    must be the same bits with one thread or three, and as fitting the models one after the other and calling
-    ensemble_proba (what production does) on the scored rows and on the backtest range."""
+def test_fold_models_are_the_same_bits_in_processes_threads_and_one_after_the_other(ds, cfg):
+    """The study fits a fold's three models side by side in worker processes (FoldModelPool; threads where
+    processes cannot be started) and predicts the fold's whole bar range once: the raw and calibrated
+    probabilities, and so the ensemble the fold is scored and backtested on, must be the same bits in processes, in
+    threads and one model after the other, and as fitting the models here and calling ensemble_proba (what
+    production does) on the scored rows and on the backtest range."""
     from ml.models.signal import combine_proba, default_params, ensemble_proba
     from ml.tune.hyperparams import FoldModelPool, _fit_one, _train_rows, fold_rows
 
@@ -283,8 +284,9 @@ def test_fold_models_are_the_same_bits_in_threads_and_one_after_the_other(ds, cf
     want_raw = ensemble_proba({n: m[0] for n, m in ref.items()}, ds.X[scored])
     want_cal = ensemble_proba({n: m[1] for n, m in ref.items()}, ds.X[s:e])
     assert not np.array_equal(want_raw, ensemble_proba({n: m[1] for n, m in ref.items()}, ds.X[scored]))
-    for workers in (1, 3):
-        with FoldModelPool(ds, workers=workers) as pool:
+    for workers, processes in ((1, False), (3, False), (2, True)):
+        with FoldModelPool(ds, workers=workers, processes=processes) as pool:
+            assert pool.processes is processes
             raw, cal, info = pool.fit_predict(tr, params, (s, e), seed=3)
         assert list(raw) == list(cal) == ["rf", "xgb", "lgb"]
         assert info["calibrated"] and info["n_tail"] == tail.size and set(info["rounds"]) == {"xgb", "lgb"}

@@ -257,39 +257,77 @@ def _fit_one(X: np.ndarray, y: np.ndarray, head: np.ndarray, tail: np.ndarray, n
     return model, (calibrate_models({name: model}, Xt, yt)[name] if calibrate and tail.size else model)
 
 
-def _fit_predict_one(X: np.ndarray, y: np.ndarray, name: str, params: Mapping[str, Any], head: np.ndarray,
-                     tail: np.ndarray, bars: tuple[int, int], seed: int, n_jobs: int, calibrate: bool
-                     ) -> tuple[np.ndarray, np.ndarray, int | None]:
+# A FoldModelPool worker process's copy of the data (X as float32, y), set once by its initializer.
+_WORKER_DATA: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def _init_worker(X: np.ndarray, y: np.ndarray) -> None:
+    """Start of a worker process: keep the data, one thread for every native thread pool (OpenMP, BLAS), and the
+    model libraries imported before the first task."""
+    global _WORKER_DATA
+    _WORKER_DATA = (X, y)
+    import lightgbm  # noqa: F401
+    import sklearn.ensemble  # noqa: F401
+    import xgboost  # noqa: F401
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+
+def _fit_predict_one(X: np.ndarray | None, y: np.ndarray | None, name: str, params: Mapping[str, Any],
+                     head: np.ndarray, tail: np.ndarray, bars: tuple[int, int], seed: int, n_jobs: int,
+                     calibrate: bool) -> tuple[np.ndarray, np.ndarray, int | None]:
     """Fit one model of a fold (:func:`_fit_one`) and return its raw and calibrated (n, 3) probabilities on the
-    bars ``[s, e)`` and its boosting rounds."""
+    bars ``[s, e)`` and its boosting rounds (``X`` None: a worker process's own copy of the data)."""
     from ml.models.signal import raw_and_calibrated_proba, rounds_used
 
+    if X is None or y is None:
+        assert _WORKER_DATA is not None, "a FoldModelPool worker without its data"
+        X, y = _WORKER_DATA
     model, cal = _fit_one(X, y, head, tail, name, params, seed, n_jobs, calibrate)
     raw, calibrated = raw_and_calibrated_proba(model, cal, X[bars[0]:bars[1]])
     return raw, calibrated, rounds_used(model)
 
 
 class FoldModelPool:
-    """Fits a fold's three models side by side (threads) and returns their probabilities on the fold's bars.
+    """Fits a fold's three models side by side and returns their probabilities on the fold's bars.
 
-    The three models are independent (own seed, own single-threaded library), so one thread per model fits and
-    calibrates them side by side: the forest's Python overhead overlaps the boosters' native code, which releases
-    the GIL (measured on the real folds: ~1.6 cores busy on 2). Worker *processes* were measured too and were not
-    faster (105.7 s threads vs 112.7 s processes for the real 100-trial study): three unequal tasks per fold leave a
-    core idle either way. The pool lives as long as the study, not one per fold. The result is the same bits
-    whatever the number of threads, and the same as fitting the models one after the other and calling
-    :func:`ml.models.signal.ensemble_proba` (tested): a row's prediction does not depend on the other rows, so
-    predicting the fold's whole bar range once serves both the F1 on its scored bars and the backtest.
+    The three models are independent (own seed, own single-threaded library), so they are fit at the same time:
+    in worker processes by default (two on this 2-core machine), else in threads of this process. Why processes:
+    the forest's fit is mostly Python on these small folds (1-6k rows) and holds the GIL, so threads keep ~1.3 of 2
+    cores busy, and a library's native thread pool left at its default spins on the core the other model needs:
+    measured on the real fold 0 (16 parameter sets), threads 0.68-0.79 s per fold; two processes whose native
+    pools are limited to one thread (``threadpoolctl``) 0.47 s per fold at the same CPU time as one process. Each
+    worker gets the float32 feature matrix and the labels once, when it starts (forkserver: it never inherits this
+    process's threads, numba state or OpenMP pools); a task sends row indices and parameters and gets the (n, 3)
+    probabilities back, never a model. The pool lives as long as the study.
+
+    The numbers are the same bits in processes, in threads and one model after the other, and the same as fitting
+    the models and calling :func:`ml.models.signal.ensemble_proba` (tested): a row's prediction does not depend on
+    the other rows, so predicting the fold's whole bar range once serves both the F1 on its scored bars and the
+    backtest. Inside a daemonic process (a Dask worker may not have children) or with one core, threads are used.
     """
 
-    def __init__(self, ds: Dataset, workers: int | None = None) -> None:
+    def __init__(self, ds: Dataset, workers: int | None = None, processes: bool | None = None) -> None:
+        import multiprocessing
+
         from ml.models.signal import SIGNAL_MODELS
 
         self.ds = ds
         self.workers = max(1, min(len(SIGNAL_MODELS), workers or common.cores()))
         self._X = np.ascontiguousarray(ds.X, dtype=np.float32)  # what every model sees (fit_signal_models)
         self._y = np.asarray(ds.y, dtype=np.int64)
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fold-model") if self.workers > 1 else None
+        if processes is None:
+            processes = self.workers > 1 and not multiprocessing.current_process().daemon
+        self.processes = bool(processes)
+        self._pool: Any = None
+        if self.processes:
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"),
+                                             initializer=_init_worker, initargs=(self._X, self._y))
+        elif self.workers > 1:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fold-model")
 
     def fit_predict(self, tr: np.ndarray, params: Mapping[str, Mapping[str, Any]], bars: tuple[int, int],
                     seed: int, n_jobs: int = 1, calibrate: bool = True, tail_fraction: float = TAIL_FRACTION
@@ -300,8 +338,9 @@ class FoldModelPool:
 
         head, tail = fold_rows(self.ds, tr, tail_fraction)
         names = check_model_names(params)  # the forest first: the longest fit starts first
-        args = [(self._X, self._y, name, params[name], head, tail, (int(bars[0]), int(bars[1])), int(seed),
-                 int(n_jobs), bool(calibrate)) for name in names]
+        data = (None, None) if self.processes else (self._X, self._y)
+        args = [(*data, name, dict(params[name]), head, tail, (int(bars[0]), int(bars[1])), int(seed), int(n_jobs),
+                 bool(calibrate)) for name in names]
         if self._pool is None:
             out = [_fit_predict_one(*a) for a in args]
         else:
