@@ -10,8 +10,9 @@ Workloads (printed in the output):
 * ``quick``: ``weekly_optimize.py --quick`` on the demo (the replay's unit; target 45 s).
 
 Each run is ``scripts/weekly_optimize.py`` in a fresh root, as a child process; its process tree's resident memory
-is sampled from /proc every 0.2 s (peak = the largest sum over all its processes). CPU seconds (user + sys of the
-child and the children it waited for, ``resource.getrusage(RUSAGE_CHILDREN)``) are printed next to the wall time,
+is sampled from /proc every 0.2 s (peak = the largest sum over all its processes). CPU seconds (user + sys of every
+process of the tree, from the same samples; at least ``RUSAGE_CHILDREN``, which misses the signal study's worker
+processes because the run does not wait for them itself) are printed next to the wall time,
 and the 1-minute load average at the start and the end: on a shared machine the wall time is inflated by other
 work, the CPU time much less, so the two together say what the run costs. The per-phase table comes from the run's
 own report.json.
@@ -68,10 +69,17 @@ REAL = REPO.parent / "shared" / "data" / "BTCUSDT_15m_2023_2024.csv"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _tree_rss(root_pid: int) -> int:
-    """Sum of RSS (bytes) of ``root_pid`` and all its descendants, from /proc."""
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _tree_sample(root_pid: int) -> tuple[int, dict[int, float]]:
+    """(sum of RSS in bytes, CPU seconds user + sys per pid) of ``root_pid`` and all its descendants, from /proc.
+
+    Why the CPU per process: the signal study fits its models in worker processes started by a forkserver, which
+    ``RUSAGE_CHILDREN`` never counts (the run does not wait for them itself)."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
+    cpu: dict[int, float] = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -79,17 +87,20 @@ def _tree_rss(root_pid: int) -> int:
             with open(f"/proc/{d}/stat") as fh:
                 parts = fh.read().rsplit(")", 1)[1].split()
             ppid = int(parts[1])
+            cpu[int(d)] = (int(parts[11]) + int(parts[12])) / TICK  # utime, stime (fields 14, 15 of stat)
             with open(f"/proc/{d}/statm") as fh:
                 rss[int(d)] = int(fh.read().split()[1]) * PAGE
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(d))
-    total, stack = 0, [root_pid]
+    total, stack, seen = 0, [root_pid], {}
     while stack:
         p = stack.pop()
         total += rss.get(p, 0)
+        if p in cpu:
+            seen[p] = cpu[p]
         stack.extend(children.get(p, []))
-    return total
+    return total, seen
 
 
 def _config(profile: str = "moderate", *, demo_bars: int | None = None, reference: bool = False,
@@ -134,10 +145,14 @@ def run_once(label: str, config_text: str, data: Path | None, workdir: Path, *, 
     peak = 0
     stop = threading.Event()
 
+    tree_cpu: dict[int, float] = {}
+
     def sample() -> None:
         nonlocal peak
         while not stop.is_set():
-            peak = max(peak, _tree_rss(proc.pid))
+            rss, cpu_now = _tree_sample(proc.pid)
+            peak = max(peak, rss)
+            tree_cpu.update(cpu_now)
             stop.wait(0.2)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -147,6 +162,7 @@ def run_once(label: str, config_text: str, data: Path | None, workdir: Path, *, 
     cpu = _cpu_children() - cpu0
     stop.set()
     th.join()
+    cpu = max(cpu, sum(tree_cpu.values()))  # the forkserver's workers are not in RUSAGE_CHILDREN
     log.close()
     if rc != 0:
         tail = (root / f"run-{label}.log").read_text()[-3000:]

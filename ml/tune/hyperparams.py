@@ -326,6 +326,8 @@ class FoldModelPool:
 
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"),
                                              initializer=_init_worker, initargs=(self._X, self._y))
+            for _ in range(self.workers):  # start the workers now: their imports overlap the study's set-up
+                self._pool.submit(int)
         elif self.workers > 1:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fold-model")
 
@@ -460,10 +462,11 @@ def run_signal_study(ds: Dataset, cfg: Config, results_dir: Path, n_trials: int 
     url = common.resolve_storage(storage, results_dir)
     name = study_name or common.default_study_name(KIND, ds, cfg, SPACE_VERSION)
     fp = common.fingerprint(ds, cfg, SPACE_VERSION)
-    study = common.create_or_load_study(name, url, cfg.tuning.seed, pruner=pruner, worker=worker, user_attrs={
-        "kind": KIND, "fingerprint": fp, "space_version": SPACE_VERSION, "objective": "mean_k F1_macro x (1 - maxDD)",
-        "n_folds": len(ds.splits.folds), "oos_start": int(ds.splits.oos_start)})
     with FoldModelPool(ds) as pool:
+        study = common.create_or_load_study(name, url, cfg.tuning.seed, pruner=pruner, worker=worker, user_attrs={
+            "kind": KIND, "fingerprint": fp, "space_version": SPACE_VERSION,
+            "objective": "mean_k F1_macro x (1 - maxDD)", "n_folds": len(ds.splits.folds),
+            "oos_start": int(ds.splits.oos_start)})
         objective = make_objective(ds, cfg, n_threads=threads, index_hook=index_hook, pool=pool)
         durations = common.run_study(study, objective, KIND, n_trials, timeout=timeout, n_jobs=n_jobs,
                                      top_up=top_up, warm_start_trials=cfg.tuning.warm_start_trials,
