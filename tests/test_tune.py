@@ -361,3 +361,27 @@ def test_out_of_fold_probabilities_reuse_the_signal_studys_best_trial_bit_for_bi
     raw["tuning"]["seed"] = cfg.tuning.seed + 1
     reseeded = oof_signal_proba(ds, parse_config(raw, "test"), params, cache=cache)
     assert not np.array_equal(reseeded.proba, cached.proba, equal_nan=True)
+
+
+def test_a_killed_fold_model_worker_leaves_the_study_on_threads_with_the_same_numbers(ds, cfg):
+    """A worker process of the fold-model pool that dies (SIGKILL here: the OOM killer, a crash) must not fail the
+    study: the pool goes on in threads and returns exactly what the processes returned."""
+    import os
+    import signal
+
+    from ml.models.signal import default_params
+    from ml.tune.hyperparams import FoldModelPool, _train_rows
+
+    tr, va = ds.splits.folds[-1]
+    tr = _train_rows(ds, tr)
+    bars = (int(va[0]), int(va[-1]) + 1)
+    with FoldModelPool(ds, workers=2, processes=True) as pool:
+        want = pool.fit_predict(tr, default_params(), bars, seed=3)
+        for pid in list(pool._pool._processes):
+            os.kill(pid, signal.SIGKILL)
+        got = pool.fit_predict(tr, default_params(), bars, seed=3)
+        assert not pool.processes
+    assert got[2] == want[2]
+    for k in (0, 1):
+        assert list(got[k]) == list(want[k]) and all(np.array_equal(got[k][n], want[k][n]) for n in want[k])
+

@@ -340,13 +340,25 @@ class FoldModelPool:
 
         head, tail = fold_rows(self.ds, tr, tail_fraction)
         names = check_model_names(params)  # the forest first: the longest fit starts first
-        data = (None, None) if self.processes else (self._X, self._y)
-        args = [(*data, name, dict(params[name]), head, tail, (int(bars[0]), int(bars[1])), int(seed), int(n_jobs),
-                 bool(calibrate)) for name in names]
+        def args(data: tuple[np.ndarray | None, np.ndarray | None]) -> list[tuple[Any, ...]]:
+            return [(*data, name, dict(params[name]), head, tail, (int(bars[0]), int(bars[1])), int(seed),
+                     int(n_jobs), bool(calibrate)) for name in names]
+
         if self._pool is None:
-            out = [_fit_predict_one(*a) for a in args]
+            out = [_fit_predict_one(*a) for a in args((self._X, self._y))]
+        elif not self.processes:
+            out = [f.result() for f in [self._pool.submit(_fit_predict_one, *a) for a in args((self._X, self._y))]]
         else:
-            out = [f.result() for f in [self._pool.submit(_fit_predict_one, *a) for a in args]]
+            from concurrent.futures.process import BrokenProcessPool
+
+            try:
+                out = [f.result() for f in [self._pool.submit(_fit_predict_one, *a) for a in args((None, None))]]
+            except BrokenProcessPool as exc:  # a worker died (killed, out of memory, a main module without a guard)
+                log.warning("fold model workers lost (%s): the study goes on with threads (same numbers)", exc)
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self.processes = False
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fold-model")
+                return self.fit_predict(tr, params, bars, seed, n_jobs, calibrate, tail_fraction)
         raw = {name: o[0] for name, o in zip(names, out, strict=True)}
         cal = {name: o[1] for name, o in zip(names, out, strict=True)}
         info = {"rounds": {name: o[2] for name, o in zip(names, out, strict=True) if name != "rf"},
