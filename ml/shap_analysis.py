@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from core.io import atomic_write, atomic_write_text
-from ml.models.signal import SIGNAL_MODELS, underlying
+from ml.models.signal import SIGNAL_MODELS, side_by_side, underlying
 
 REPORT_JSON = "shap_report.json"
 REPORT_CSV = "shap_importance.csv"
@@ -150,13 +150,9 @@ def shap_report(models: Mapping[str, Any], X: np.ndarray, feature_names: Sequenc
         t0 = time.perf_counter()
         return _mean_abs_shap(underlying(models[name]), rows, nf), time.perf_counter() - t0, int(k)
 
-    # The three explanations are independent: side by side in threads (the boosters' SHAP is their own native code,
-    # which releases the GIL, while the forest's runs); each is the same computation as one after the other.
+    # The three explanations are independent: side by side (the boosters' SHAP is their own native code).
     _import_shap()  # once, here: importing from several threads at once would race the warnings filter
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=max(1, min(len(order), os.cpu_count() or 1))) as pool:
-        explained = dict(zip(order, pool.map(explain, order), strict=True))
+    explained = side_by_side(explain, order)
     for name in order:
         imp, secs, k = explained[name]
         seconds[name] = round(secs, 3)

@@ -353,13 +353,7 @@ def phase_shap(ctx: RunContext, s: dict[str, Any]) -> None:
         params = default_params()
         for k in ("xgb", "lgb"):  # no validation set here: a fixed, modest number of rounds
             params[k] = {**params[k], "n_estimators": SHAP_FALLBACK_ROUNDS, "early_stopping_rounds": 0}
-        from concurrent.futures import ThreadPoolExecutor
-
-        def fit_one(name: str) -> Any:  # independent, single-threaded models: side by side, the same models
-            return fit_signal_models(ds.X[fit], ds.y[fit], {name: params[name]}, cfg.tuning.seed)[name]
-
-        with ThreadPoolExecutor(max_workers=len(SIGNAL_MODELS)) as pool:
-            models = dict(zip(SIGNAL_MODELS, pool.map(fit_one, SIGNAL_MODELS), strict=True))
+        models = fit_signal_models(ds.X[fit], ds.y[fit], params, cfg.tuning.seed)
         s["models"] = "default params fitted on the fit window"
     previous = _previous_shap(ctx)
     rep = shap_report(models, ds.X[ds.splits.train], ds.feature_names, cfg.features.protected,

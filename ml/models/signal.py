@@ -33,7 +33,7 @@ import copy
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -149,7 +149,8 @@ def _check_classes(y: np.ndarray, what: str) -> None:
 def fit_signal_models(X: np.ndarray, y: np.ndarray, params: Mapping[str, Mapping[str, Any]], seed: int,
                       n_jobs: int = 1, eval_set: tuple[np.ndarray, np.ndarray] | None = None,
                       sample_weight: np.ndarray | None = None) -> dict[str, Any]:
-    """Fit one classifier per key of ``params`` (a subset of :data:`SIGNAL_MODELS`) on ``X``, ``y``.
+    """Fit one classifier per key of ``params`` (a subset of :data:`SIGNAL_MODELS`) on ``X``, ``y``, side by side
+    (:func:`side_by_side`; the same models as one after the other). An unknown key is refused before any fit.
 
     With ``eval_set=(Xv, yv)`` the boosters stop early on ``Xv`` (``early_stopping_rounds`` from their params,
     default 30) and predict with their best iteration; the forest ignores it. Models see float32 inputs.
@@ -161,10 +162,8 @@ def fit_signal_models(X: np.ndarray, y: np.ndarray, params: Mapping[str, Mapping
     if eval_set is not None:
         Xv = np.ascontiguousarray(eval_set[0], dtype=np.float32)
         yv = np.asarray(eval_set[1], dtype=np.int64)
-    out: dict[str, Any] = {}
-    for name in SIGNAL_MODELS:
-        if name not in params:
-            continue
+
+    def fit(name: str) -> Any:
         p = params[name] or {}
         model = make_model(name, p, seed, n_jobs)
         rounds = int(p.get("early_stopping_rounds", DEFAULT_EARLY_STOPPING_ROUNDS) or 0)
@@ -188,9 +187,22 @@ def fit_signal_models(X: np.ndarray, y: np.ndarray, params: Mapping[str, Mapping
                           callbacks=[lgb.early_stopping(rounds, first_metric_only=True, verbose=False)])
             else:
                 model.fit(X, y, sample_weight=sample_weight)
-        out[name] = model
-    check_model_names(params)
-    return out
+        return model
+
+    return side_by_side(fit, check_model_names(params))
+
+
+def side_by_side(fn: Callable[[str], Any], names: Sequence[str]) -> dict[str, Any]:
+    """``{name: fn(name)}`` with the calls in threads side by side (one name: called here).
+
+    For the signal models' independent jobs (fits, SHAP explanations): each model has its own seed and its own
+    single-threaded library, so the results are those of one call after the other, while the forest's Python
+    overlaps the boosters' native code, which releases the GIL."""
+    names = list(names)
+    if len(names) <= 1:
+        return {name: fn(name) for name in names}
+    with ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="signal-model") as pool:
+        return dict(zip(names, pool.map(fn, names), strict=True))
 
 
 def check_model_names(params: Mapping[str, Any]) -> list[str]:
@@ -618,8 +630,7 @@ def train_signal(ds: Any, cfg: Config | None = None, params: Mapping[str, Mappin
     # The forest and the two boosters' paths side by side (each library single-threaded for the boosters, the same
     # models as one after the other): the phase takes the longest path instead of the sum.
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=len(SIGNAL_MODELS), thread_name_prefix="signal-fit") as pool:
-        done = dict(zip(SIGNAL_MODELS, pool.map(chain, SIGNAL_MODELS), strict=True))
+    done = side_by_side(chain, SIGNAL_MODELS)
     timings["fit"] = time.perf_counter() - t0  # all three paths, early stopping included
     timings["early_stop"] = max(d[2].get("early_stop", 0.0) for d in done.values())
     timings["fit_rf"] = done["rf"][2]["fit_rf"]

@@ -320,7 +320,7 @@ class FoldModelPool:
         if processes is None:
             processes = self.workers > 1 and not multiprocessing.current_process().daemon
         self.processes = bool(processes)
-        self._pool: Any = None
+        self._pool: Any
         if self.processes:
             from concurrent.futures import ProcessPoolExecutor
 
@@ -328,7 +328,7 @@ class FoldModelPool:
                                              initializer=_init_worker, initargs=(self._X, self._y))
             for _ in range(self.workers):  # start the workers now: their imports overlap the study's set-up
                 self._pool.submit(int)
-        elif self.workers > 1:
+        else:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fold-model")
 
     def fit_predict(self, tr: np.ndarray, params: Mapping[str, Mapping[str, Any]], bars: tuple[int, int],
@@ -336,29 +336,23 @@ class FoldModelPool:
                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
         """``(raw probabilities, calibrated probabilities, info)`` of the fold trained on ``tr`` over ``bars``
         (each a dict model name -> (e - s, 3) array; ``info``: boosting rounds used and row counts)."""
+        from concurrent.futures.process import BrokenProcessPool
+
         from ml.models.signal import check_model_names
 
         head, tail = fold_rows(self.ds, tr, tail_fraction)
         names = check_model_names(params)  # the forest first: the longest fit starts first
-        def args(data: tuple[np.ndarray | None, np.ndarray | None]) -> list[tuple[Any, ...]]:
-            return [(*data, name, dict(params[name]), head, tail, (int(bars[0]), int(bars[1])), int(seed),
-                     int(n_jobs), bool(calibrate)) for name in names]
-
-        if self._pool is None:
-            out = [_fit_predict_one(*a) for a in args((self._X, self._y))]
-        elif not self.processes:
-            out = [f.result() for f in [self._pool.submit(_fit_predict_one, *a) for a in args((self._X, self._y))]]
-        else:
-            from concurrent.futures.process import BrokenProcessPool
-
-            try:
-                out = [f.result() for f in [self._pool.submit(_fit_predict_one, *a) for a in args((None, None))]]
-            except BrokenProcessPool as exc:  # a worker died (killed, out of memory, a main module without a guard)
-                log.warning("fold model workers lost (%s): the study goes on with threads (same numbers)", exc)
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self.processes = False
-                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fold-model")
-                return self.fit_predict(tr, params, bars, seed, n_jobs, calibrate, tail_fraction)
+        data = (None, None) if self.processes else (self._X, self._y)  # a worker process holds its own copy
+        try:
+            out = [f.result() for f in [self._pool.submit(_fit_predict_one, *data, name, dict(params[name]), head,
+                                                          tail, (int(bars[0]), int(bars[1])), int(seed),
+                                                          int(n_jobs), bool(calibrate)) for name in names]]
+        except BrokenProcessPool as exc:  # a worker died (killed, out of memory, a main module without a guard)
+            log.warning("fold model workers lost (%s): the study goes on with threads (same numbers)", exc)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self.processes = False
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fold-model")
+            return self.fit_predict(tr, params, bars, seed, n_jobs, calibrate, tail_fraction)
         raw = {name: o[0] for name, o in zip(names, out, strict=True)}
         cal = {name: o[1] for name, o in zip(names, out, strict=True)}
         info = {"rounds": {name: o[2] for name, o in zip(names, out, strict=True) if name != "rf"},
@@ -366,8 +360,7 @@ class FoldModelPool:
         return raw, cal, info
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> FoldModelPool:
         return self
@@ -425,7 +418,7 @@ def make_objective(ds: Dataset, cfg: Config, n_threads: int = 1, index_hook: Ind
                 kept.value, kept.number, kept.folds, kept.params = value, trial.number, list(seen), params
         return value
 
-    kept = KeptFolds()
+    kept = KeptFolds(n_jobs=n_threads, calibrate=calibrate)
     objective.kept = kept  # type: ignore[attr-defined]
     return objective
 
@@ -444,6 +437,8 @@ class FoldProba:
 class KeptFolds:
     """The fold probabilities of the best complete trial an objective has run (``objective.kept``)."""
 
+    n_jobs: int  # the library threads and the calibration the objective fit its folds with
+    calibrate: bool
     value: float = -np.inf
     number: int | None = None
     folds: list[FoldProba] = field(default_factory=list)
@@ -489,7 +484,7 @@ def run_signal_study(ds: Dataset, cfg: Config, results_dir: Path, n_trials: int 
         "per_trial_seconds_this_run": [round(d, 3) for d in durations]})
     kept: KeptFolds = objective.kept  # type: ignore[attr-defined]
     cache = results_dir / OOF_CACHE
-    if kept.number is not None and kept.number == study.best_trial.number and threads == common.DEFAULT_THREADS:
+    if kept.number is not None and kept.number == study.best_trial.number:
         save_oof_cache(cache, ds, kept, int(cfg.tuning.seed))
     else:  # the best trial ran in an earlier process (a resumed study): oof_signal_proba fits its folds again
         cache.unlink(missing_ok=True)
@@ -542,8 +537,9 @@ def _oof_key(ds: Dataset, params: Mapping[str, Mapping[str, Any]], seed: int, n_
 
 def save_oof_cache(path: Path, ds: Dataset, kept: KeptFolds, seed: int) -> None:
     """Keep the best trial's fold probabilities for :func:`oof_signal_proba` (phase 6): they are exactly what it
-    would compute again (the same fold models: parameters, seed, rows, tail and calibration; tested)."""
-    key = _oof_key(ds, kept.params, seed, common.DEFAULT_THREADS, TAIL_FRACTION, True)
+    would compute again with the same settings (parameters, seed, threads, tail and calibration, all in the key:
+    a call with other settings does not use them; tested)."""
+    key = _oof_key(ds, kept.params, seed, kept.n_jobs, TAIL_FRACTION, kept.calibrate)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
