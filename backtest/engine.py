@@ -160,7 +160,7 @@ class MarketArrays:
         """Output buffers of the kernel, allocated once per MarketArrays (the kernel holds the GIL, so threads that
         share one MarketArrays never run it concurrently; :func:`run_arrays` copies results out)."""
         if "out" not in self._ws:
-            self._ws["out"] = new_out(self.n)
+            self._ws["out"] = new_out(self.n, int(self.exit_X.shape[1]))
         return self._ws["out"]
 
     def kernel_inputs(self) -> KernelInputs:

@@ -8,7 +8,7 @@ rule is a call into :mod:`backtest.policy` (the same functions the live Trader c
 them. ``cache=True`` keeps compilation between runs; fastmath stays off so that results equal the step driver's bit
 for bit.
 
-Speed, three ideas:
+Speed, four ideas:
 
 * The open position's path (its exit bar, price and reason) depends only on the entry bar, the side, the fill price
   and the stop/target distances, not on the account, so :func:`simulate_exit` walks it once per entry (the position
@@ -22,6 +22,13 @@ Speed, three ideas:
   The day rollover (R15) is applied lazily at the next bar that is processed: the realised equity cannot change in
   between, so the snapshot is the same (see :func:`backtest.policy.day_rollover`).
 * The risk model's trees are walked with the branch-free walker of :mod:`backtest.trees`.
+* No reference counting: :func:`run_kernel` and :func:`simulate_exit` are compiled with ``_nrt=False`` (numba's
+  runtime off). With it on, numba increments and decrements an atomic reference count for every array member of a
+  NamedTuple each time the loop passes one on (KernelInputs and the two CompiledTrees hold ~50 arrays) and for every
+  row view such as ``exit_X[b]``: ``perf`` put 30 % of a sweep in those two atomic instructions, and the kernel
+  ran 2-5x slower (measured on bench/backtest_speed.py's workload, same results bit for bit). The price: these two
+  functions may not allocate, so the scratch rows the models read come in with :class:`KernelOut`. The arrays they
+  get are borrowed from the caller, which holds them for the whole call.
 """
 
 from __future__ import annotations
@@ -109,11 +116,15 @@ class PathMemo(NamedTuple):
 
 class KernelOut(NamedTuple):
     """Preallocated outputs: ``trades`` (TRADE_DTYPE, >= n bars), ``trips`` (TRIP_DTYPE, >= 3 n bars), ``equity``
-    (marked equity at each bar's close, indexed by bar)."""
+    (marked equity at each bar's close, indexed by bar), and the two scratch rows the models read (``xrow``: the
+    position model's input, ``N_POS`` + its market columns wide; ``arow``: the risk model's, ``N_ACC`` wide). The
+    kernel allocates nothing itself (it is compiled without numba's reference counting, module docstring)."""
 
     trades: np.ndarray
     trips: np.ndarray
     equity: np.ndarray
+    xrow: np.ndarray
+    arow: np.ndarray
 
 
 def new_memo(n: int) -> PathMemo:
@@ -121,12 +132,14 @@ def new_memo(n: int) -> PathMemo:
     return PathMemo(np.full(n, -1, dtype=np.int64), np.empty(n), np.zeros(n, dtype=np.int64))
 
 
-def new_out(n: int) -> KernelOut:
-    """Output buffers for ``n`` bars (at most one trade and three trips per bar)."""
-    return KernelOut(np.empty(n, dtype=TRADE_DTYPE), np.empty(3 * n + 4, dtype=TRIP_DTYPE), np.empty(n))
+def new_out(n: int, exit_cols: int) -> KernelOut:
+    """Output buffers for ``n`` bars (at most one trade and three trips per bar) and a position model that reads
+    ``exit_cols`` market columns."""
+    return KernelOut(np.empty(n, dtype=TRADE_DTYPE), np.empty(3 * n + 4, dtype=TRIP_DTYPE), np.empty(n),
+                     np.empty(N_POS + exit_cols), np.empty(N_ACC))
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def simulate_exit(e: int, side: int, entry: float, stop: float, target: float, open_: np.ndarray,
                   high: np.ndarray, low: np.ndarray, close: np.ndarray, spread: np.ndarray, atr: np.ndarray,
                   exit_X: np.ndarray, exit_trees: CompiledTrees, use_exit: bool, xbuf: np.ndarray, end: int,
@@ -215,7 +228,7 @@ def _record(trades: np.ndarray, n: int, e: int, x_bar: int, side: int, size: flo
     tr["mult"] = mult
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def run_kernel(m: KernelInputs, p: Params, start: int, end: int, acc: Account, ring_win: np.ndarray,
                ring_eq: np.ndarray, memo: PathMemo, out: KernelOut, carry: np.ndarray,
                close_at_end: bool) -> tuple[int, int, int, Account]:
@@ -236,8 +249,8 @@ def run_kernel(m: KernelInputs, p: Params, start: int, end: int, acc: Account, r
     exit_trees, risk_trees, use_sltp, use_exit, use_risk = m.exit_trees, m.risk_trees, m.use_sltp, m.use_exit, \
         m.use_risk
     m_bar, m_price, m_reason = memo.bar, memo.price, memo.reason
-    xbuf = np.empty(N_POS + exit_X.shape[1])
-    abuf = np.empty(N_ACC)
+    xbuf = out.xrow
+    abuf = out.arow
     eq = out.equity
     trades = out.trades
     trips = out.trips

@@ -75,6 +75,12 @@ class CompiledTrees(NamedTuple):
     t_leaf: np.ndarray  # float64 every tree's table of leaf values, tree t at t_loff[t]
     t_loff: np.ndarray  # int64[n_trees]
     t_cells: np.ndarray  # int64[n_trees] scratch: each tree's cell for one row (callers hold the GIL)
+    # bucket index of the thresholds (:func:`_buckets`): feature f's global bin without a binary search
+    t_bidx: np.ndarray  # int64 per feature, t_boff[f]: K_f + 1 counts of f's thresholds lying in buckets < k
+    t_boff: np.ndarray  # int64[num_features] first entry of feature f in t_bidx
+    t_bmin: np.ndarray  # float64[num_features] f's smallest threshold (bucket 0 starts there)
+    t_bscale: np.ndarray  # float64[num_features] buckets per unit of x
+    t_btop: np.ndarray  # float64[num_features] K_f - 1, the last bucket
 
     @property
     def n_trees(self) -> int:
@@ -122,14 +128,15 @@ def _tables(feature: np.ndarray, fchild: np.ndarray, fthresh: np.ndarray, ffeatu
 
     A split ``x > thr`` only depends on how many of the tree's thresholds on that feature lie below ``x`` (its
     *local bin*). So each tree is a table over the product of its features' local bins, filled by walking the tree
-    once per cell. At prediction time one binary search per feature gives the global bin ``g`` (thresholds of all
-    trees below ``x``); ``t_contrib[row_f + g, t]`` is that bin's offset in tree ``t``'s table (local bin x
-    stride), so a tree costs a few independent loads and one table read instead of a chain of dependent,
+    once per cell. At prediction time the bucket index (:func:`_buckets`) gives each feature's global bin ``g``
+    (thresholds of all trees below ``x``); ``t_contrib[row_f + g, t]`` is that bin's offset in tree ``t``'s table
+    (local bin x stride), so a tree costs a few independent loads and one table read instead of a chain of dependent,
     mispredicted node steps. Exact: every cell holds the leaf the walker reaches for any ``x`` in it."""
     n_trees = roots.size
     empty = (False, np.zeros(0), np.zeros(nf + 1, dtype=np.int64), np.zeros((0, max(n_trees, 1)), dtype=np.int64),
              np.zeros(nf, dtype=np.int64), np.zeros(0), np.zeros(n_trees, dtype=np.int64),
-             np.zeros(n_trees, dtype=np.int64))
+             np.zeros(n_trees, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(nf, dtype=np.int64),
+             np.zeros(nf), np.zeros(nf), np.zeros(nf))
     split = feature >= 0
     if n_trees == 0 or nf == 0:
         return empty
@@ -183,7 +190,46 @@ def _tables(feature: np.ndarray, fchild: np.ndarray, fthresh: np.ndarray, ffeatu
     thr = np.concatenate(glob) if rows - nf else np.zeros(0)
     foff = np.r_[0, np.cumsum([g.size for g in glob])].astype(np.int64)
     return (True, np.ascontiguousarray(thr, dtype=np.float64), foff, contrib, roff, leaf, loff,
-            np.zeros(n_trees, dtype=np.int64))
+            np.zeros(n_trees, dtype=np.int64), *_buckets(glob))
+
+
+def _bucket_of(z: np.ndarray | float, top: float) -> np.ndarray | int:
+    """The bucket of ``z = (x - t_bmin) * t_bscale``: 0 below (and for NaN), ``top`` above, else ``floor(z)``.
+    :func:`_predict_tables` computes the same float operations, so a value and a threshold land in buckets that
+    are ordered as they are (the two operations are monotone)."""
+    if isinstance(z, np.ndarray):
+        out = np.where(z >= top, top, np.floor(z))
+        return np.where(z > 0.0, out, 0.0).astype(np.int64)
+    if not z > 0.0:
+        return 0
+    return int(top) if z >= top else int(z)
+
+
+def _buckets(glob: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """Bucket index of each feature's sorted thresholds: ``K = min(2 n + 2, 1024)`` equal-width buckets from the
+    smallest threshold to the largest. A row's value falls in bucket ``k``; the thresholds in earlier buckets are
+    all below it (counted by ``t_bidx``) and those in later buckets all above it, so only the few thresholds in its
+    own bucket are compared. Exact, and unlike a binary search it has no chain of mispredicted branches (measured:
+    the search was 2/3 of a 30-tree prediction)."""
+    nf = len(glob)
+    boff = np.zeros(nf, dtype=np.int64)
+    bmin = np.zeros(nf)
+    bscale = np.zeros(nf)
+    btop = np.zeros(nf)
+    parts = []
+    off = 0
+    for f, g in enumerate(glob):
+        k = min(2 * g.size + 2, 1024)
+        lo, hi = (float(g[0]), float(g[-1])) if g.size else (0.0, 0.0)
+        scale = (k - 1) / (hi - lo) if hi > lo and np.isfinite(hi - lo) else 0.0
+        top = float(k - 1)
+        with np.errstate(over="ignore", invalid="ignore"):  # a range too wide: scale 0, NaN -> bucket 0
+            cells = np.asarray(_bucket_of((g - lo) * scale, top), dtype=np.int64)
+        parts.append(np.searchsorted(cells, np.arange(k + 1), side="left").astype(np.int64))
+        boff[f], bmin[f], bscale[f], btop[f] = off, lo, scale, top
+        off += k + 1
+    bidx = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return bidx, boff, bmin, bscale, btop
 
 
 def empty_trees(num_features: int = 0) -> CompiledTrees:
@@ -367,8 +413,9 @@ def _go(trees: CompiledTrees, node: int, x: np.ndarray) -> int:
 
 @njit(cache=True, inline="always")
 def _predict_tables(trees: CompiledTrees, x: np.ndarray) -> float:
-    """Raw score from the binned tables (:func:`_tables`): one binary search per feature, then per tree the sum of
-    its features' bin offsets and one leaf read; leaves are added in tree order (same float as the walker)."""
+    """Raw score from the binned tables (:func:`_tables`): one bin per feature, then per tree the sum of
+    its features' bin offsets and one leaf read; leaves are added in tree order (same float as the walker). The bin
+    comes from the bucket index (:func:`_buckets`), not a binary search."""
     nf = trees.t_roff.size
     thr = trees.t_thr
     contrib = trees.t_contrib
@@ -384,14 +431,16 @@ def _predict_tables(trees: CompiledTrees, x: np.ndarray) -> float:
             continue  # no tree splits on this feature
         v = x[f]
         v = 0.0 if v != v else v
-        base = lo
-        while lo < hi:  # count of thresholds < v
-            mid = (lo + hi) >> 1
-            if thr[mid] < v:
-                lo = mid + 1
-            else:
-                hi = mid
-        row = contrib[trees.t_roff[f] + lo - base]
+        # count of thresholds < v: the bucket index counts those in earlier buckets, then v's own bucket is scanned
+        z = (v - trees.t_bmin[f]) * trees.t_bscale[f]
+        top = trees.t_btop[f]
+        k = 0 if not z > 0.0 else (int(top) if z >= top else int(z))
+        b = trees.t_boff[f] + k
+        j = lo + trees.t_bidx[b]
+        stop = lo + trees.t_bidx[b + 1]
+        while j < stop and thr[j] < v:
+            j += 1
+        row = contrib[trees.t_roff[f] + j - lo]
         for t in range(nt):  # contiguous: the compiler vectorises it
             cells[t] += row[t]
     leaf = trees.t_leaf

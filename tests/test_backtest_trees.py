@@ -99,3 +99,41 @@ def test_lookup_tables_equal_the_walker_at_and_around_every_threshold(feats: np.
 
 def lgb_predict(ct, Z, X, y):  # noqa: ANN001, ANN201
     return _train(X, y, "regression").predict(Z, raw_score=True)
+
+
+def test_bucket_index_is_exact_at_the_edges() -> None:
+    """The bucket index that replaces the binary search counts the thresholds below a value exactly, also for
+    infinite inputs, a single threshold, thresholds a float step apart, and a range too wide for its arithmetic
+    (``max - min`` overflows: every threshold shares one bucket)."""
+    from numba import njit
+
+    from backtest.trees import build_trees, predict_raw_exact
+
+    @njit
+    def exact(trees, X):  # noqa: ANN001, ANN202
+        out = np.empty(X.shape[0])
+        for i in range(X.shape[0]):
+            out[i] = predict_raw_exact(trees, X[i])
+        return out
+
+    def chain(f: int, thresholds: list[float]) -> dict[str, object]:
+        """A tree splitting feature f at every threshold in turn, each leaf worth a different value."""
+        node: dict[str, object] = {"leaf_value": float(len(thresholds))}
+        for i, t in enumerate(sorted(thresholds, reverse=True)):
+            node = {"split_feature": f, "threshold": t, "left_child": {"leaf_value": float(i) + 0.5 ** i},
+                    "right_child": node}
+        return node
+
+    one = [2.5]
+    tight = [1.0, float(np.nextafter(1.0, 2.0)), float(np.nextafter(np.nextafter(1.0, 2.0), 2.0)), 7.0]
+    wide = [-1e308, -1.0, 0.0, 3e-310, 1e308]
+    ct = build_trees([chain(0, one), chain(1, tight), chain(2, wide), chain(1, [0.5, 1.0, 9.0])], num_features=3)
+    assert ct.t_ok
+    probes = sorted({v for t in one + tight + wide + [0.5, 9.0]
+                     for v in (t, float(np.nextafter(t, -np.inf)), float(np.nextafter(t, np.inf)))}
+                    | {-np.inf, np.inf, 0.0, -0.0, 5e-324, 1.5, 1e300})
+    rng = np.random.default_rng(0)
+    X = np.column_stack([rng.choice(probes, 3000) for _ in range(3)])
+    got = predict_raw_batch(ct, X)
+    np.testing.assert_array_equal(got, exact(ct, X))
+    assert np.unique(got).size > 20  # the probes reach many different leaves
