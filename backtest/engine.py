@@ -15,7 +15,7 @@ Both modes return a :class:`BacktestResult` with the same trade table, equity cu
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -157,8 +157,8 @@ class MarketArrays:
         return int(self.open.size)
 
     def workspace(self) -> KernelOut:
-        """Output buffers of the kernel, allocated once per MarketArrays (the kernel holds the GIL, so threads that
-        share one MarketArrays never run it concurrently; :func:`run_arrays` copies results out)."""
+        """Output buffers of the kernel, allocated once per MarketArrays. The kernel releases the GIL: threads that
+        run at the same time need their own (:meth:`fork`); :func:`run_arrays` copies results out."""
         if "out" not in self._ws:
             self._ws["out"] = new_out(self.n, int(self.exit_X.shape[1]))
         return self._ws["out"]
@@ -175,10 +175,15 @@ class MarketArrays:
                             self.vol_regime, self.exit_trees, self.risk_trees, bool(self.use_sltp),
                             bool(self.use_exit), bool(self.use_risk))
 
+    @staticmethod
+    def path_key(p: Params, end: int, close_at_end: bool = True) -> tuple[Any, ...]:
+        """What a memoised position path depends on (see ``backtest/nb.py``): runs with equal keys share paths."""
+        return (p.sl_multiplier, p.tp_multiplier, p.exit_threshold, p.max_holding_bars, p.fixed_sl_atr,
+                p.fixed_tp_atr, p.slippage_points, p.point, end, close_at_end)
+
     def paths(self, p: Params, end: int, close_at_end: bool = True) -> PathMemo:
         """Memoised position paths valid for ``p`` (see ``backtest/nb.py``), LRU-bounded."""
-        key = (p.sl_multiplier, p.tp_multiplier, p.exit_threshold, p.max_holding_bars, p.fixed_sl_atr,
-               p.fixed_tp_atr, p.slippage_points, p.point, end, close_at_end)
+        key = self.path_key(p, end, close_at_end)
         got = self._paths.get(key)
         if got is None:
             got = new_memo(self.n)
@@ -191,6 +196,14 @@ class MarketArrays:
 
     def clear_paths(self) -> None:
         self._paths.clear()
+
+    def fork(self) -> MarketArrays:
+        """The same (shared, read-only) market arrays with their own output buffers and path memo: what a second
+        thread needs to run the kernel at the same time (the kernel releases the GIL; two runs must not share
+        buffers, nor the trees' scratch row of cells)."""
+        own = lambda t: t._replace(t_cells=np.zeros_like(t.t_cells))  # noqa: E731
+        return replace(self, exit_trees=own(self.exit_trees), risk_trees=own(self.risk_trees), _paths=OrderedDict(),
+                       _ws={})
 
     def window(self, start: Any = None, end: Any = None) -> tuple[int, int]:
         """Resolve and validate a window (empty window / gaps inside -> UserError)."""

@@ -58,7 +58,7 @@ def score(m: Mapping[str, Any], min_trades: int) -> float:
     return float(s)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _equity_stats(equity: np.ndarray, day: np.ndarray, initial: float) -> tuple[float, float, float, float, int]:
     """One pass over the curve: (max drawdown %, mean, sample std and downside deviation of the daily returns, days).
 
@@ -94,7 +94,7 @@ def _equity_stats(equity: np.ndarray, day: np.ndarray, initial: float) -> tuple[
     return dd * 100.0, (s1 / n_days if n_days >= 1 else 0.0), std, down, n_days
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _trade_stats(pnl: np.ndarray) -> tuple[float, float, int, int]:
     """(gross profit, gross loss, wins, longest losing streak) in one pass."""
     gp = 0.0

@@ -29,6 +29,9 @@ Speed, four ideas:
   ran 2-5x slower (measured on bench/backtest_speed.py's workload, same results bit for bit). The price: these two
   functions may not allocate, so the scratch rows the models read come in with :class:`KernelOut`. The arrays they
   get are borrowed from the caller, which holds them for the whole call.
+
+The kernel releases the GIL (``nogil``): the sweep runs its grid points in threads, each on its own
+:meth:`backtest.engine.MarketArrays.fork` (own output buffers and path memo, shared market arrays).
 """
 
 from __future__ import annotations
@@ -228,7 +231,7 @@ def _record(trades: np.ndarray, n: int, e: int, x_bar: int, side: int, size: flo
     tr["mult"] = mult
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, _nrt=False, nogil=True)
 def run_kernel(m: KernelInputs, p: Params, start: int, end: int, acc: Account, ring_win: np.ndarray,
                ring_eq: np.ndarray, memo: PathMemo, out: KernelOut, carry: np.ndarray,
                close_at_end: bool) -> tuple[int, int, int, Account]:

@@ -1,9 +1,10 @@
 """Phase 11: the config sweep over the active risk profile's grid, on the first part of the OOS window only.
 
 Why it is cheap: the models' predictions are state-independent and computed once (``prepare_arrays``); every grid
-point then only changes scalar ``Params`` and reruns the compiled kernel over the sweep bars. Grid points are split
-into chunks that run in parallel worker processes (``n_jobs``) when the sweep is big enough to pay for them; each
-worker receives the prepared arrays once.
+point then only changes scalar ``Params`` and reruns the compiled kernel over the sweep bars. Grid points run in
+``n_jobs`` threads (:func:`score_params`): the kernel releases the GIL, the threads share the prepared arrays, and
+there is nothing to start or to copy (worker processes cost ~2.6 s of start-up and numba cache loading, more than
+most sweeps).
 
 Selection rule (documented in the README):
 
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +32,11 @@ import numpy as np
 import pandas as pd
 
 from backtest.engine import MarketArrays, run_arrays
-from backtest.policy import make_params, replace_params
+from backtest.policy import Params, make_params, replace_params
+from backtest.stats import daily_returns, day_ends
 from core.config import Config
 from core.io import atomic_write
 
-PARALLEL_MIN_BAR_RUNS = 50_000_000  # grid points x bars above which the sweep fans out to worker processes
 SWEPT = ("confidence_threshold", "risk_percent", "sl_multiplier", "tp_multiplier", "sessions")
 
 
@@ -57,25 +60,41 @@ def grid(cfg: Config) -> list[dict[str, Any]]:
     return [dict(zip(SWEPT, combo, strict=True)) for combo in itertools.product(*axes)]
 
 
-def _run_chunk(arrays: MarketArrays, cfg: Config, points: list[dict[str, Any]], start: int, end: int,
-               min_trades: int) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """Score every point, and keep its daily returns (the equity at each day's last bar: one gather per point)."""
-    from backtest.stats import daily_returns, day_ends
+def score_params(arrays: MarketArrays, params: Sequence[Params], start: int, end: int, min_trades: int,
+                 n_jobs: int = 2, *, ends: np.ndarray | None = None) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Run and score every ``Params`` on bars ``[start, end)``: their metrics, in order, and (with ``ends``, the
+    positions in the window of the days' last bars) their daily returns as a days x points matrix.
 
-    base = make_params(cfg)
-    rows = []
-    ends = day_ends(arrays.day[start:end])
-    daily = np.empty((ends.size, len(points)))
-    for pt in points:
-        p = replace_params(base, **{k: (list(v) if k == "sessions" else v) for k, v in pt.items()})
-        run = run_arrays(arrays, p, start, end, check=False)
-        m = run.metrics(arrays, min_trades)
-        daily[:, len(rows)] = daily_returns(run.equity, arrays.day[start:end], p.initial_equity, ends)
-        rows.append({**{k: ("+".join(v) if k == "sessions" else v) for k, v in pt.items()},
-                     "score": m["score"], "return_pct": m["return_pct"], "max_drawdown_pct": m["max_drawdown_pct"],
-                     "trades": m["trades"], "win_rate": m["win_rate"], "profit_factor": m["profit_factor"],
-                     "sharpe": m["sharpe"]})
-    return rows, daily
+    ``n_jobs`` threads share the market arrays; each works on its own :meth:`MarketArrays.fork` (output buffers and
+    path memo) while the compiled kernel runs without the GIL. Points with the same position paths
+    (:meth:`MarketArrays.path_key`: the SL/TP multipliers) go to the same thread, so no path is walked twice. Same
+    numbers for any ``n_jobs`` (each point's run depends only on its own Params; the memo only caches paths)."""
+    n = len(params)
+    metrics: list[dict[str, Any]] = [{} for _ in range(n)]
+    daily = np.empty((0 if ends is None else ends.size, n))
+    day = arrays.day[start:end]
+
+    def work(arr: MarketArrays, idx: list[int]) -> None:
+        for i in idx:
+            run = run_arrays(arr, params[i], start, end, check=False, copy=False)
+            metrics[i] = run.metrics(arr, min_trades)
+            if ends is not None:
+                daily[:, i] = daily_returns(run.equity, day, params[i].initial_equity, ends)
+
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault(MarketArrays.path_key(p, end), []).append(i)
+    n_jobs = max(1, min(int(n_jobs), len(groups)))
+    if n_jobs == 1:
+        work(arrays, list(range(n)))
+        return metrics, daily
+    shares: list[list[int]] = [[] for _ in range(n_jobs)]
+    for g in sorted(groups.values(), key=len, reverse=True):  # biggest first, each to the least loaded thread
+        min(shares, key=len).extend(g)
+    with ThreadPoolExecutor(max_workers=n_jobs, thread_name_prefix="sweep") as pool:
+        for f in [pool.submit(work, arrays.fork(), sorted(sh)) for sh in shares]:
+            f.result()
+    return metrics, daily
 
 
 def _distance(row: pd.Series, cfg: Config) -> float:
@@ -99,23 +118,15 @@ def run_sweep(arrays: MarketArrays, cfg: Config, window: tuple[int, int], oos_ba
     share = (end - start) / oos_bars if oos_bars else 1.0
     min_trades = max(1, int(math.ceil(prof.min_trades * min(1.0, share))))
     points = grid(cfg)
-    # Processes only pay off for big sweeps: measured here, 864 points x 5,644 bars take 0.25 s in one process and
-    # 2.6 s with two (worker start-up + numba cache load dominate). Same results either way.
-    big = len(points) * (end - start) > PARALLEL_MIN_BAR_RUNS
-    chunks = [points[i::n_jobs] for i in range(n_jobs)] if n_jobs > 1 and big else [points]
-    if len(chunks) > 1:
-        from joblib import Parallel, delayed
-
-        parts = Parallel(n_jobs=len(chunks), backend="loky", max_nbytes=None)(
-            delayed(_run_chunk)(arrays, cfg, ch, start, end, min_trades) for ch in chunks)
-        daily = np.empty((parts[0][1].shape[0], len(points)))
-        for i, (_, d) in enumerate(parts):
-            daily[:, i::len(chunks)] = d
-        rows = [None] * len(points)  # type: ignore[list-item]
-        for i, (part, _) in enumerate(parts):
-            rows[i::len(chunks)] = part
-    else:
-        rows, daily = _run_chunk(arrays, cfg, points, start, end, min_trades)
+    base = make_params(cfg)
+    params = [replace_params(base, **{k: (list(v) if k == "sessions" else v) for k, v in pt.items()})
+              for pt in points]
+    ends = day_ends(arrays.day[start:end])
+    ms, daily = score_params(arrays, params, start, end, min_trades, n_jobs, ends=ends)
+    rows = [{**{k: ("+".join(v) if k == "sessions" else v) for k, v in pt.items()},
+             "score": m["score"], "return_pct": m["return_pct"], "max_drawdown_pct": m["max_drawdown_pct"],
+             "trades": m["trades"], "win_rate": m["win_rate"], "profit_factor": m["profit_factor"],
+             "sharpe": m["sharpe"]} for pt, m in zip(points, ms, strict=True)]
     table = pd.DataFrame(rows)
     table["grid_id"] = np.arange(len(points))
     table["eligible"] = (table["trades"] >= min_trades) & (table["max_drawdown_pct"] <= prof.max_drawdown_pct)
@@ -124,9 +135,7 @@ def run_sweep(arrays: MarketArrays, cfg: Config, window: tuple[int, int], oos_ba
     table = table.reset_index(drop=True)
     daily = np.ascontiguousarray(daily[:, table["grid_id"].to_numpy()])
     table = table.drop(columns="grid_id")
-    from backtest.stats import day_ends
-
-    end_bars = start + day_ends(arrays.day[start:end])
+    end_bars = start + ends
     days = pd.DatetimeIndex(arrays.index[end_bars]).floor("D")
     best = None
     if bool(table["eligible"].any()):

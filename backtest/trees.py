@@ -74,7 +74,7 @@ class CompiledTrees(NamedTuple):
     t_roff: np.ndarray  # int64[num_features] first row of feature f in t_contrib
     t_leaf: np.ndarray  # float64 every tree's table of leaf values, tree t at t_loff[t]
     t_loff: np.ndarray  # int64[n_trees]
-    t_cells: np.ndarray  # int64[n_trees] scratch: each tree's cell for one row (callers hold the GIL)
+    t_cells: np.ndarray  # int64[n_trees] scratch: each tree's cell for one row (one per thread: engine's fork)
     # bucket index of the thresholds (:func:`_buckets`): feature f's global bin without a binary search
     t_bidx: np.ndarray  # int64 per feature, t_boff[f]: K_f + 1 counts of f's thresholds lying in buckets < k
     t_boff: np.ndarray  # int64[num_features] first entry of feature f in t_bidx

@@ -15,9 +15,10 @@ Fast-mode figures (after compilation; the one-off precompute of features and sig
   the workload of the config sweep: paths are reused only between trials with the same SL/TP multipliers.
 
 The headline ``fast_bars_per_s`` is the sweep throughput with both models (bars simulated per second of wall time
-over all trials, metrics included). Also printed: the same sweep without the risk model (the risk model is evaluated
-at every entry decision, so its cost grows with trees x trades) and with the shipped breakers (trials that halt early
-are cheap).
+over all trials, metrics included) through the product's sweep runner (``backtest.sweep.score_params``) with the
+threads phase 11 uses (2, ``--threads``: the kernel releases the GIL); the one-thread figure is printed above it.
+Also printed: the same sweep without the risk model (the risk model is evaluated at every entry decision, so its
+cost grows with trees x trades) and with the shipped breakers (trials that halt early are cheap).
 Step mode runs ``Trader.step`` (features from the bounded history window, predictor on one row) over 5,000 bars.
 Last line: ``fast_bars_per_s=<int> step_bars_per_s=<int>``.
 """
@@ -73,12 +74,14 @@ def main() -> int:
     ap.add_argument("--tile", type=int, default=2, help="copies of the data (default 2: ~140k bars)")
     ap.add_argument("--step-bars", type=int, default=5000)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2, help="sweep threads for the headline (phase 11 uses 2)")
     args = ap.parse_args()
 
     from backtest.engine import prepare_arrays, run_arrays, run_step
     from backtest.live import HISTORY_BARS
     from backtest.policy import make_params, replace_params
     from backtest.rules import RuleSignal, toy_exit_model, toy_risk_model
+    from backtest.sweep import score_params
     from core.config import default_config
     from market.features import build_features
 
@@ -134,31 +137,32 @@ def main() -> int:
     grid = list(itertools.product(prof.confidence_threshold.grid(), prof.risk_percent.grid(),
                                   prof.sl_multiplier.grid(), prof.tp_multiplier.grid(), prof.session_sets))
 
-    def sweep(arr, base_params) -> tuple[float, int]:  # noqa: ANN001
+    def sweep(arr, base_params, n_jobs: int) -> tuple[float, int]:  # noqa: ANN001
+        """The grid through the product's sweep runner (backtest.sweep.score_params, metrics included)."""
         arr.clear_paths()
-        trades = 0
+        ps = [replace_params(base_params, confidence_threshold=conf, risk_percent=risk, sl_multiplier=slm,
+                             tp_multiplier=tpm, sessions=sess) for conf, risk, slm, tpm, sess in grid]
         t0 = time.perf_counter()
-        for conf, risk, slm, tpm, sess in grid:
-            q = replace_params(base_params, confidence_threshold=conf, risk_percent=risk, sl_multiplier=slm,
-                               tp_multiplier=tpm, sessions=sess)
-            r = run_arrays(arr, q, start, copy=False)
-            r.metrics(arr, prof.min_trades)
-            trades += r.n_trades
-        return time.perf_counter() - t0, trades
+        ms, _ = score_params(arr, ps, start, arr.n, prof.min_trades, n_jobs)
+        return time.perf_counter() - t0, sum(m["trades"] for m in ms)
 
-    t_sweep, tr_sweep = sweep(arrays, p)
+    t_one, tr_one = sweep(arrays, p, 1)
+    print(f"sweep, both models, 1 thread: {len(grid)} trials (moderate grid) incl. metrics in {t_one:.2f} s = "
+          f"{t_one / len(grid) * 1e3:.2f} ms/trial = {len(grid) * bars / t_one / 1e6:.1f} M bars/s "
+          f"(avg {tr_one / len(grid):,.0f} trades/trial)")
+    t_sweep, tr_sweep = sweep(arrays, p, args.threads)
     sweep_rate = len(grid) * bars / t_sweep
-    print(f"sweep, both models: {len(grid)} trials (moderate grid) incl. metrics in {t_sweep:.2f} s = "
-          f"{t_sweep / len(grid) * 1e3:.2f} ms/trial = {sweep_rate / 1e6:.1f} M bars/s "
-          f"(avg {tr_sweep / len(grid):,.0f} trades/trial)")
+    print(f"sweep, both models, {args.threads} threads (as phase 11 runs it): {t_sweep:.2f} s = "
+          f"{sweep_rate / 1e6:.1f} M bars/s (x{t_one / t_sweep:.2f} of one thread; same trades: "
+          f"{tr_sweep == tr_one})")
     no_risk = dataclasses.replace(arrays, use_risk=False, _paths=OrderedDict(), _ws={})
-    t_nr, _ = sweep(no_risk, p)
-    print(f"sweep, position model only (no risk model): {t_nr / len(grid) * 1e3:.2f} ms/trial = "
+    t_nr, _ = sweep(no_risk, p, 1)
+    print(f"sweep, position model only (no risk model), 1 thread: {t_nr / len(grid) * 1e3:.2f} ms/trial = "
           f"{len(grid) * bars / t_nr / 1e6:.1f} M bars/s  [the risk model costs "
-          f"{(t_sweep - t_nr) / max(tr_sweep, 1) * 1e6:.2f} us per trade, {rm.n_trees} trees]")
+          f"{(t_one - t_nr) / max(tr_one, 1) * 1e6:.2f} us per trade, {rm.n_trees} trees]")
     shipped = make_params(cfg)
-    t_sh, tr_sh = sweep(arrays, shipped)
-    print(f"sweep, shipped breakers (25 % halt): {t_sh / len(grid) * 1e3:.2f} ms/trial = "
+    t_sh, tr_sh = sweep(arrays, shipped, 1)
+    print(f"sweep, shipped breakers (25 % halt), 1 thread: {t_sh / len(grid) * 1e3:.2f} ms/trial = "
           f"{len(grid) * bars / t_sh / 1e6:.1f} M bars/s (avg {tr_sh / len(grid):,.0f} trades/trial before halts)")
 
     s0 = 1000
