@@ -37,6 +37,7 @@ from backtest.policy import (
     vol_regime_series,
 )
 from backtest.predictor import Predictor, predictor_name
+from backtest.stats import day_ends
 from backtest.trees import CompiledTrees, empty_trees
 from core.config import Config
 from core.errors import UserError
@@ -150,7 +151,7 @@ class MarketArrays:
     predictor: str = ""
     gaps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     _paths: OrderedDict[tuple[Any, ...], PathMemo] = field(default_factory=OrderedDict, repr=False)
-    _ws: dict[str, Any] = field(default_factory=dict, repr=False)
+    _ws: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
     def n(self) -> int:
@@ -192,6 +193,15 @@ class MarketArrays:
                 self._paths.popitem(last=False)
         else:
             self._paths.move_to_end(key)
+        return got
+
+    def day_ends(self, start: int, end: int) -> np.ndarray:
+        """Positions in ``[start, end)`` (from ``start``) of every UTC day's last bar, cached per window: the same
+        for every run on it (:func:`backtest.stats.day_ends`)."""
+        key = ("ends", start, end)
+        got = self._ws.get(key)
+        if got is None:
+            got = self._ws[key] = day_ends(self.day[start:end])
         return got
 
     def clear_paths(self) -> None:
@@ -278,16 +288,18 @@ class FastRun:
     trip_code: np.ndarray
     skipped_size: int
     final_state: State | None = None  # the trading state after bar end - 1 (continue a run from it)
+    max_drawdown: float | None = None  # the kernel's measurement of the equity's max drawdown (a fraction)
 
     @property
     def n_trades(self) -> int:
         return int(self.trades["pnl"].size)
 
     def metrics(self, arrays: MarketArrays, min_trades: int = 30) -> dict[str, Any]:
+        ends = arrays.day_ends(self.start, self.end) if isinstance(arrays, MarketArrays) else None
         return _metrics.compute_metrics(
             self.equity, arrays.day[self.start:self.end], self.trades["pnl"], self.trades["r"],
             self.trades["entry"], self.trades["exit"], self.params.initial_equity, int(self.trip_bar.size),
-            min_trades)
+            min_trades, max_drawdown=self.max_drawdown, ends=ends)
 
     def to_result(self, arrays: MarketArrays, *, min_trades: int = 30, in_sample: bool = True,
                   mode: str = "fast") -> BacktestResult:
@@ -377,7 +389,7 @@ def run_arrays(arrays: MarketArrays, params: Params, start: int = 0, end: int | 
                            last_bar=end - 1, entry_time_ns=entry_ns)
     return FastRun(start=start, end=end, params=params, trades=trades, equity=cp(out.equity[start:end]),
                    trip_bar=cp(trips["bar"]), trip_code=cp(trips["code"]), skipped_size=int(skipped),
-                   final_state=final)
+                   final_state=final, max_drawdown=float(out.drawdown[0]))
 
 
 def run_fast(candles: pd.DataFrame, features: pd.DataFrame | None, predictor: Predictor, cfg: Config,

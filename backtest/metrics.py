@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from backtest.stats import day_ends
 from core.config import RiskProfile
 
 DD_FLOOR_PCT = 1.0
@@ -58,45 +59,54 @@ def score(m: Mapping[str, Any], min_trades: int) -> float:
     return float(s)
 
 
-@njit(cache=True, nogil=True)
-def _equity_stats(equity: np.ndarray, day: np.ndarray, initial: float) -> tuple[float, float, float, float, int]:
-    """One pass over the curve: (max drawdown %, mean, sample std and downside deviation of the daily returns, days).
+@njit(cache=True, inline="always")
+def drawdown_step(e: float, peak: float, dd: float) -> tuple[float, float]:
+    """One bar of the running max drawdown (a fraction): ``(peak, dd)`` after equity ``e``. The one implementation:
+    :func:`_curve_stats` walks a curve with it and the fast kernel (``backtest/nb.py``) calls it where it marks the
+    equity, so the two give the same float. A repeated value changes nothing (a flat stretch is checked once)."""
+    if e > peak:
+        return e, dd
+    if peak - e > dd * peak and peak > 0.0:  # multiply to test, divide only on a new maximum
+        return peak, (peak - e) / peak
+    return peak, dd
 
-    Compiled because the sweep and the Optuna objectives score every trial: numpy needed ~3.5 ms per 140k bars."""
-    peak = initial
-    dd = 0.0
+
+@njit(cache=True, nogil=True)
+def _curve_stats(equity: np.ndarray, ends: np.ndarray, initial: float, dd: float,
+                 pnl: np.ndarray, entry: np.ndarray, exit_: np.ndarray) -> tuple[float, float, float, float, int,
+                                                                                    float, float, int, int, int]:
+    """Every number of the metrics in one compiled call: (max drawdown %, mean, sample std and downside deviation
+    of the daily returns, days, gross profit, gross loss, wins, longest losing streak, bars in position).
+
+    ``dd < 0`` means "walk the curve for the drawdown"; the fast kernel passes the one it measured while marking
+    the equity (so a sweep trial reads ~1.5k day ends instead of 140k bars). Daily returns use the equity at each
+    day's last bar (``ends``, positions in ``equity``), the first day's measured from ``initial``."""
+    if dd < 0.0:
+        peak = initial
+        dd = 0.0
+        for i in range(equity.size):
+            peak, dd = drawdown_step(equity[i], peak, dd)
     n_days = 0
     s1 = 0.0
     sd = 0.0
     prev = initial
     mean = 0.0
     m2 = 0.0
-    for i in range(equity.size):
-        e = equity[i]
-        if e > peak:
-            peak = e
-        elif peak - e > dd * peak and peak > 0.0:  # multiply to test, divide only on a new maximum
-            dd = (peak - e) / peak
-        if i == equity.size - 1 or day[i + 1] != day[i]:  # last bar of a UTC day: one daily return
-            if prev != 0.0:
-                r = e / prev - 1.0
-                if np.isfinite(r):
-                    n_days += 1
-                    delta = r - mean  # Welford: stable mean / variance
-                    mean += delta / n_days
-                    m2 += delta * (r - mean)
-                    s1 += r
-                    if r < 0.0:
-                        sd += r * r
-            prev = e
+    for k in range(ends.size):
+        e = equity[ends[k]]
+        if prev != 0.0:
+            r = e / prev - 1.0
+            if np.isfinite(r):
+                n_days += 1
+                delta = r - mean  # Welford: stable mean / variance
+                mean += delta / n_days
+                m2 += delta * (r - mean)
+                s1 += r
+                if r < 0.0:
+                    sd += r * r
+        prev = e
     std = np.sqrt(m2 / (n_days - 1)) if n_days >= 2 else 0.0
     down = np.sqrt(sd / n_days) if n_days >= 1 else 0.0
-    return dd * 100.0, (s1 / n_days if n_days >= 1 else 0.0), std, down, n_days
-
-
-@njit(cache=True, nogil=True)
-def _trade_stats(pnl: np.ndarray) -> tuple[float, float, int, int]:
-    """(gross profit, gross loss, wins, longest losing streak) in one pass."""
     gp = 0.0
     gl = 0.0
     wins = 0
@@ -111,22 +121,34 @@ def _trade_stats(pnl: np.ndarray) -> tuple[float, float, int, int]:
         cur = cur + 1 if v < 0.0 else 0
         if cur > longest:
             longest = cur
-    return gp, gl, wins, longest
+    held = 0
+    for j in range(entry.size):
+        held += exit_[j] - entry[j] + 1
+    return (dd * 100.0, (s1 / n_days if n_days >= 1 else 0.0), std, down, n_days, gp, gl, wins, longest,
+            int(held))
 
 
 def compute_metrics(equity: np.ndarray, day: np.ndarray, pnl: np.ndarray, r_mult: np.ndarray,
                     entry_bar: np.ndarray, exit_bar: np.ndarray, initial_equity: float, n_trips: int,
-                    min_trades: int) -> dict[str, Any]:
-    """All metrics plus ``score`` (see the module docstring). Plain floats/ints, ready for JSON."""
+                    min_trades: int, *, max_drawdown: float | None = None,
+                    ends: np.ndarray | None = None) -> dict[str, Any]:
+    """All metrics plus ``score`` (see the module docstring). Plain floats/ints, ready for JSON.
+
+    ``max_drawdown`` (a fraction) is the fast kernel's own measurement of this curve's drawdown (the same float);
+    ``ends`` the positions of the days' last bars in ``equity`` (``backtest.stats.day_ends(day)``, which the
+    sweep computes once per window). Without them both are computed here."""
     n = int(equity.size)
     final = float(equity[-1]) if n else float(initial_equity)
-    dd, mu, sd, down, n_days = _equity_stats(np.ascontiguousarray(equity, dtype=np.float64),
-                                             np.ascontiguousarray(day, dtype=np.int64), float(initial_equity))
+    if ends is None:
+        ends = day_ends(day)
+    dd, mu, sd, down, n_days, gp, gl, wins, longest, held = _curve_stats(
+        np.asarray(equity, dtype=np.float64), np.asarray(ends, dtype=np.int64), float(initial_equity),
+        -1.0 if max_drawdown is None else float(max_drawdown), np.asarray(pnl, dtype=np.float64),
+        np.asarray(entry_bar, dtype=np.int64), np.asarray(exit_bar, dtype=np.int64))
     sharpe = mu / sd * ANNUALISATION if n_days >= 2 and sd > 0 else 0.0
     sortino = mu / down * ANNUALISATION if n_days >= 2 and down > 0 else 0.0
-    gp, gl, wins, longest = _trade_stats(np.ascontiguousarray(pnl, dtype=np.float64))
     pf = gp / gl if gl > 0 else (math.inf if gp > 0 else 0.0)
-    exposure = float(np.sum(exit_bar - entry_bar + 1)) / n * 100.0 if n else 0.0
+    exposure = float(held) / n * 100.0 if n else 0.0
     m: dict[str, Any] = {
         "net_profit": final - float(initial_equity),
         "return_pct": (final / float(initial_equity) - 1.0) * 100.0,

@@ -41,6 +41,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
+from backtest.metrics import drawdown_step
 from backtest.policy import (
     FLAT,
     N_ACC,
@@ -119,15 +120,17 @@ class PathMemo(NamedTuple):
 
 class KernelOut(NamedTuple):
     """Preallocated outputs: ``trades`` (TRADE_DTYPE, >= n bars), ``trips`` (TRIP_DTYPE, >= 3 n bars), ``equity``
-    (marked equity at each bar's close, indexed by bar), and the two scratch rows the models read (``xrow``: the
-    position model's input, ``N_POS`` + its market columns wide; ``arow``: the risk model's, ``N_ACC`` wide). The
-    kernel allocates nothing itself (it is compiled without numba's reference counting, module docstring)."""
+    (marked equity at each bar's close, indexed by bar), the two scratch rows the models read (``xrow``: the
+    position model's input, ``N_POS`` + its market columns wide; ``arow``: the risk model's, ``N_ACC`` wide) and the
+    run's max drawdown (module docstring). The kernel allocates nothing itself (it is compiled without numba's
+    reference counting)."""
 
     trades: np.ndarray
     trips: np.ndarray
     equity: np.ndarray
     xrow: np.ndarray
     arow: np.ndarray
+    drawdown: np.ndarray  # [0]: the largest fall of ``equity[start:end]`` below its running peak, a fraction
 
 
 def new_memo(n: int) -> PathMemo:
@@ -139,10 +142,10 @@ def new_out(n: int, exit_cols: int) -> KernelOut:
     """Output buffers for ``n`` bars (at most one trade and three trips per bar) and a position model that reads
     ``exit_cols`` market columns."""
     return KernelOut(np.empty(n, dtype=TRADE_DTYPE), np.empty(3 * n + 4, dtype=TRIP_DTYPE), np.empty(n),
-                     np.empty(N_POS + exit_cols), np.empty(N_ACC))
+                     np.empty(N_POS + exit_cols), np.empty(N_ACC), np.zeros(1))
 
 
-@njit(cache=True, _nrt=False)
+@njit(cache=True, _nrt=False, inline="always")
 def simulate_exit(e: int, side: int, entry: float, stop: float, target: float, open_: np.ndarray,
                   high: np.ndarray, low: np.ndarray, close: np.ndarray, spread: np.ndarray, atr: np.ndarray,
                   exit_X: np.ndarray, exit_trees: CompiledTrees, use_exit: bool, xbuf: np.ndarray, end: int,
@@ -239,7 +242,8 @@ def run_kernel(m: KernelInputs, p: Params, start: int, end: int, acc: Account, r
     updated in place) and the open position / pending order in ``carry`` (layout ``C_*``; :func:`flat_carry` for
     none), which is overwritten with the ones the run ends with. Outputs go into ``out``; returns ``(n_trades,
     n_trips, skipped, final account)``. Per bar the rules run in ``Trader.on_bar``'s order: day rollover, pending
-    fill at the open, position management (R9-R13), equity mark, decision at the close (R2-R8, R14).
+    fill at the open, position management (R9-R13), equity mark, decision at the close (R2-R8, R14). The marked
+    equity's max drawdown goes to ``out.drawdown[0]`` (what the metrics would compute from the curve, bit for bit).
 
     With ``close_at_end=False`` nothing is forced at the last bar (R13 off, a decision is taken at its close): the
     next run continues from the returned account and ``carry`` exactly as one longer run would, which is what a
@@ -262,6 +266,8 @@ def run_kernel(m: KernelInputs, p: Params, start: int, end: int, acc: Account, r
     skipped = 0
     thr = p.confidence_threshold
     last = end - 1
+    dd_peak = p.initial_equity  # the running max drawdown of eq[start:end], peak starting at the initial equity
+    dd = 0.0
     t = start
     # what the run ends with: an open position (o_*) and an order pending at the next open
     o_side = FLAT
@@ -286,6 +292,7 @@ def run_kernel(m: KernelInputs, p: Params, start: int, end: int, acc: Account, r
                                         int(carry[C_PENDING_EXIT]), close_at_end)
         for b in range(start, min(x_bar, end)):
             eq[b] = mark_equity(acc.equity, c_side, entry, close[b], size, p)
+            dd_peak, dd = drawdown_step(eq[b], dd_peak, dd)
         if x_bar >= end:  # still open
             o_side, o_size, o_entry, o_stop, o_target = c_side, size, entry, stop, target
             o_sl, o_bar, o_mult = carry[C_SL_DIST], e0, carry[C_MULT]
@@ -306,6 +313,7 @@ def run_kernel(m: KernelInputs, p: Params, start: int, end: int, acc: Account, r
         if pend_side == FLAT:
             # flat: bars without a signal only mark equity (R3 rejects them before any other rule; module docstring)
             cash = acc.equity
+            dd_peak, dd = drawdown_step(cash, dd_peak, dd)  # every bar of this stretch, t included, is marked at cash
             while t < last and not (p_max[t] >= thr):
                 eq[t] = cash
                 t += 1
@@ -335,6 +343,7 @@ def run_kernel(m: KernelInputs, p: Params, start: int, end: int, acc: Account, r
         x_px = m_price[t]
         for b in range(t, min(x_bar, end)):  # in position: equity marked at each close
             eq[b] = mark_equity(acc.equity, side, entry, close[b], size, p)
+            dd_peak, dd = drawdown_step(eq[b], dd_peak, dd)
         if x_bar >= end:  # still open at the end (close_at_end=False): it goes into the carry
             o_side, o_size, o_entry, o_stop, o_target, o_sl, o_bar, o_mult = side, size, entry, stop, target, sl_d, \
                 t, mult
@@ -358,6 +367,7 @@ def run_kernel(m: KernelInputs, p: Params, start: int, end: int, acc: Account, r
         if pending == 0 and use_exit:
             pending = model_exit(last, o_bar, o_side, close[last], o_entry, o_stop, o_target, atr[last],
                                  exit_X[last], xbuf, exit_trees, p)
+    out.drawdown[0] = dd
     if end <= start and c_side != FLAT:  # an empty window carries the position through unchanged
         return n_trades, n_trips, skipped, acc
     carry[C_SIDE] = o_side

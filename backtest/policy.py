@@ -670,11 +670,12 @@ class State:
 
 # ---------------------------------------------------------------------------------------------- numba cache
 def _purge_stale_numba_cache() -> None:
-    """Drop cached machine code of this package when trees.py, policy.py or nb.py changed (the kernel in nb.py and
-    the functions here inline code from policy.py and trees.py; see :mod:`backtest.numba_cache`)."""
+    """Drop cached machine code of this package when trees.py, policy.py, metrics.py or nb.py changed (the kernel in
+    nb.py and the functions here inline code from policy.py and trees.py, the kernel also the drawdown step of
+    metrics.py; see :mod:`backtest.numba_cache`)."""
     here = Path(__file__).resolve().parent
-    purge_stale_cache(session_code, [here / n for n in ("trees.py", "policy.py", "nb.py")],
-                      ("nb.", "policy.", "trees."), "backtest_numba_deps.sha")
+    purge_stale_cache(session_code, [here / n for n in ("trees.py", "policy.py", "metrics.py", "nb.py")],
+                      ("nb.", "policy.", "trees.", "metrics."), "backtest_numba_deps.sha")
 
 
 _purge_stale_numba_cache()

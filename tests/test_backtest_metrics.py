@@ -135,3 +135,43 @@ def test_gate_min_score_floor_blocks_losing_sets_even_on_first_run() -> None:
     # a losing baseline does not let a still-losing new set through
     assert not gate(_m(-0.1), _m(-1.0), floors).passed
     assert gate(_m(-0.1), _m(-1.0), Floors(30, 20.0)).passed  # without the floor: the 2% rule alone
+
+
+def test_the_kernel_measures_the_drawdown_of_the_curve_it_marks() -> None:
+    """The fast kernel's max drawdown (measured while it marks the equity, flat stretches once) is the one the
+    metrics compute from the whole curve, bit for bit: fresh runs, a run continued from a saved state in the middle
+    of a position, and a run left open at its end."""
+    from _candles import real_btc
+
+    from backtest.engine import prepare_arrays, run_arrays
+    from backtest.metrics import _curve_stats
+    from backtest.policy import make_params, replace_params
+    from backtest.rules import RuleSignal, toy_exit_model, toy_risk_model
+    from backtest.stats import day_ends
+    from core.config import default_config
+    from market.features import build_features
+
+    cfg = default_config()
+    candles = real_btc(6000)
+    feats = build_features(candles, cfg)
+    A = prepare_arrays(candles, feats, RuleSignal(list(feats.columns), sltp_rule=True,
+                                                  exit_model=toy_exit_model(feats, seed=5),
+                                                  risk_model=toy_risk_model(seed=6)), cfg)
+    none = np.zeros(0)
+
+    def curve_dd(run) -> float:  # noqa: ANN001
+        eq = run.equity
+        return _curve_stats(eq, day_ends(A.day[run.start:run.end]), run.params.initial_equity, -1.0, none,
+                            none.astype(np.int64), none.astype(np.int64))[0] / 100.0
+
+    runs = []
+    for conf, risk in ((0.5, 1.0), (0.6, 3.0), (0.45, 0.5)):
+        p = replace_params(make_params(cfg), confidence_threshold=conf, risk_percent=risk)
+        runs.append(run_arrays(A, p, 800, 6000))
+    first = run_arrays(A, p, 800, 3500, close_at_end=False)
+    runs += [first, run_arrays(A, p, 3500, 6000, state=first.final_state)]
+    assert all(r.n_trades > 10 for r in runs) and len({r.max_drawdown for r in runs}) >= 4
+    assert first.final_state is not None
+    for r in runs:
+        assert r.max_drawdown == curve_dd(r) > 0.0
+        assert r.metrics(A)["max_drawdown_pct"] == r.max_drawdown * 100.0
