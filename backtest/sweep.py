@@ -67,8 +67,10 @@ def score_params(arrays: MarketArrays, params: Sequence[Params], start: int, end
 
     ``n_jobs`` threads share the market arrays; each works on its own :meth:`MarketArrays.fork` (output buffers and
     path memo) while the compiled kernel runs without the GIL. Points with the same position paths
-    (:meth:`MarketArrays.path_key`: the SL/TP multipliers) go to the same thread, so no path is walked twice. Same
-    numbers for any ``n_jobs`` (each point's run depends only on its own Params; the memo only caches paths)."""
+    (:meth:`MarketArrays.path_key`: the SL/TP multipliers) go to the same thread, so no path is walked twice, and
+    run one group after the other: the memo being read is then one group's (3.4 MB per 140k bars, cache-sized)
+    instead of every group's at once (16 in the moderate grid: ~54 MB, and a cache miss per trade). Same numbers for
+    any ``n_jobs`` and order (each point's run depends only on its own Params; the memo only caches paths)."""
     n = len(params)
     metrics: list[dict[str, Any]] = [{} for _ in range(n)]
     daily = np.empty((0 if ends is None else ends.size, n))
@@ -86,13 +88,13 @@ def score_params(arrays: MarketArrays, params: Sequence[Params], start: int, end
         groups.setdefault(MarketArrays.path_key(p, end), []).append(i)
     n_jobs = max(1, min(int(n_jobs), len(groups)))
     if n_jobs == 1:
-        work(arrays, list(range(n)))
+        work(arrays, [i for g in groups.values() for i in g])
         return metrics, daily
     shares: list[list[int]] = [[] for _ in range(n_jobs)]
     for g in sorted(groups.values(), key=len, reverse=True):  # biggest first, each to the least loaded thread
         min(shares, key=len).extend(g)
     with ThreadPoolExecutor(max_workers=n_jobs, thread_name_prefix="sweep") as pool:
-        for f in [pool.submit(work, arrays.fork(), sorted(sh)) for sh in shares]:
+        for f in [pool.submit(work, arrays.fork(), sh) for sh in shares]:
             f.result()
     return metrics, daily
 
