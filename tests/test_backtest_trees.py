@@ -6,8 +6,18 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 from _candles import real_btc
+from numba import njit
 
-from backtest.trees import OBJ_IDENTITY, OBJ_SIGMOID, compile_booster, empty_trees, predict_batch, predict_raw_batch
+from backtest.trees import (
+    OBJ_IDENTITY,
+    OBJ_SIGMOID,
+    build_trees,
+    compile_booster,
+    empty_trees,
+    predict_batch,
+    predict_raw_batch,
+    predict_raw_exact,
+)
 from market.features import build_features
 
 
@@ -15,6 +25,15 @@ from market.features import build_features
 def feats() -> np.ndarray:
     f = build_features(real_btc(6000))
     return f.to_numpy()  # float32, NaN in the warm-up rows
+
+
+@njit
+def exact(trees, X):  # noqa: ANN001, ANN201
+    """Every row through the exact walker (LightGBM's full decision rule): the reference for the fast paths."""
+    out = np.empty(X.shape[0])
+    for i in range(X.shape[0]):
+        out[i] = predict_raw_exact(trees, X[i])
+    return out
 
 
 def _train(X: np.ndarray, y: np.ndarray, objective: str, **extra: object) -> lgb.Booster:
@@ -69,17 +88,6 @@ def test_empty_trees_predict_zero() -> None:
 def test_lookup_tables_equal_the_walker_at_and_around_every_threshold(feats: np.ndarray) -> None:
     """The binned tables (the fast path) reach the same leaf as the exact walker, bit for bit, also for inputs
     exactly on a threshold and one float step either side of it."""
-    from numba import njit
-
-    from backtest.trees import predict_raw_exact
-
-    @njit
-    def exact(trees, X):  # noqa: ANN001, ANN202
-        out = np.empty(X.shape[0])
-        for i in range(X.shape[0]):
-            out[i] = predict_raw_exact(trees, X[i])
-        return out
-
     rng = np.random.default_rng(5)
     X = np.nan_to_num(feats[1000:3000, :8].astype(np.float64))
     y = X[:, 0] * 3 + rng.normal(0, 1, len(X))
@@ -105,17 +113,6 @@ def test_bucket_index_is_exact_at_the_edges() -> None:
     """The bucket index that replaces the binary search counts the thresholds below a value exactly, also for
     infinite inputs, a single threshold, thresholds a float step apart, and a range too wide for its arithmetic
     (``max - min`` overflows: every threshold shares one bucket)."""
-    from numba import njit
-
-    from backtest.trees import build_trees, predict_raw_exact
-
-    @njit
-    def exact(trees, X):  # noqa: ANN001, ANN202
-        out = np.empty(X.shape[0])
-        for i in range(X.shape[0]):
-            out[i] = predict_raw_exact(trees, X[i])
-        return out
-
     def chain(f: int, thresholds: list[float]) -> dict[str, object]:
         """A tree splitting feature f at every threshold in turn, each leaf worth a different value."""
         node: dict[str, object] = {"leaf_value": float(len(thresholds))}
