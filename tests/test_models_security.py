@@ -328,3 +328,29 @@ def test_a_backup_copy_verifies_with_its_roots_key(root: Path) -> None:
     shutil.copy2(root / "config.json", backup / "config.json")
     assert set(verify(backup / "models")) == set(FILES)
     assert not (backup / KEY_FILE).exists()
+
+
+def test_a_key_in_a_folder_everyone_can_write_is_never_used(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A leftover key in a world-writable folder (``/tmp/.model_signing_key``) is not this root's key: the root gets
+    its own; a model folder right under such a folder has no key root (one clear error) unless the environment
+    holds the key."""
+    monkeypatch.delenv("MODEL_SIGNING_KEY", raising=False)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp
+    stray = shared / KEY_FILE
+    stray.write_text("s" * 64)
+    stray.chmod(0o600)
+    run_root = shared / "run"
+    (run_root / "models").mkdir(parents=True)
+    (run_root / "config.json").write_text(config_to_json(default_config()))
+    key = signing_key(folder=run_root / "models", create=True)
+    assert key is not None and key != b"s" * 64
+    assert (run_root / KEY_FILE).is_file()
+    loose = shared / "models"
+    loose.mkdir()
+    with pytest.raises(ModelIntegrityError, match="writable by every user"):
+        signing_key(folder=loose, create=True)
+    monkeypatch.setenv("MODEL_SIGNING_KEY", "e" * 64)
+    assert signing_key(folder=loose, create=True) == b"e" * 64

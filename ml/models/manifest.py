@@ -35,6 +35,7 @@ import logging
 import os
 import platform
 import secrets
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -142,16 +143,33 @@ def key_root(folder: str | os.PathLike[str]) -> Path:
     key yet: the first save creates it there) the nearest holding a ``config.json``, else the folder's parent.
     ``models/``, ``staging/<id>/models`` and ``backups/<id>/models`` all lie under their root (a backup folder holds
     a ``config.json`` copy but never the key, hence the key is looked for first). Never the folder itself: whoever
-    can write a model folder must not be able to plant a key (and a key file of another user is refused).
+    can write a model folder must not be able to plant a key (and a key file of another user is refused). Never a
+    folder every user may write (:func:`_writable_by_all`): a model folder right under ``/tmp`` has no key root
+    (:class:`ModelIntegrityError`) unless ``MODEL_SIGNING_KEY`` is set.
     """
     folder = Path(folder).resolve()
-    for anc in folder.parents:
+    trusted = [anc for anc in folder.parents if not _writable_by_all(anc)]
+    for anc in trusted:
         if (anc / KEY_FILE).exists() or (anc / KEY_FILE).is_symlink():
             return anc
-    for anc in folder.parents:
+    for anc in trusted:
         if (anc / "config.json").is_file():
             return anc
-    return folder.parent
+    if folder.parent in trusted:
+        return folder.parent
+    raise ModelIntegrityError(
+        f"{folder}: no run root to keep the model signing key in: {folder.parent} is writable by every user (like "
+        f"/tmp); save models under a run root (a folder with config.json) or set {KEY_ENV}")
+
+
+def _writable_by_all(folder: Path) -> bool:
+    """A folder every user may write (``/tmp``): never a key root. A key found there could be anybody's leftover
+    (a stray ``/tmp/.model_signing_key`` once made every test root under /tmp sign with it), and a key created there
+    would sign for every folder below it."""
+    try:
+        return bool(folder.stat().st_mode & stat.S_IWOTH)
+    except OSError:
+        return False
 
 
 def _key_from_text(text: str, where: str) -> bytes:
@@ -222,7 +240,12 @@ def signing_key(root: str | os.PathLike[str] | None = None, *, folder: str | os.
     if root is None:
         if folder is None:
             raise ValueError("signing_key needs a root or a folder")
-        root = key_root(folder)
+        try:
+            root = key_root(folder)
+        except ModelIntegrityError:
+            if os.environ.get(KEY_ENV):  # the environment's key needs no root
+                return _key_from_text(os.environ[KEY_ENV], KEY_ENV)
+            raise
     root = Path(root)
     key = _env_key(root)
     if key is not None:
