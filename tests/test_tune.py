@@ -271,10 +271,10 @@ def test_fold_models_are_the_same_bits_in_processes_threads_and_one_after_the_ot
     threads and one model after the other, and as fitting the models here and calling ensemble_proba (what
     production does) on the scored rows and on the backtest range."""
     from ml.models.signal import combine_proba, default_params, ensemble_proba
-    from ml.tune.hyperparams import FoldModelPool, _fit_one, _train_rows, fold_rows
+    from ml.tune.folds import FoldModelPool, _fit_one, fold_rows, train_rows
 
     tr, va = ds.splits.folds[-1]
-    tr = _train_rows(ds, tr)
+    tr = train_rows(ds, tr)
     s, e = int(va[0]), int(va[-1]) + 1
     params = default_params()
     head, tail = fold_rows(ds, tr)
@@ -370,10 +370,10 @@ def test_a_killed_fold_model_worker_leaves_the_study_on_threads_with_the_same_nu
     import signal
 
     from ml.models.signal import default_params
-    from ml.tune.hyperparams import FoldModelPool, _train_rows
+    from ml.tune.folds import FoldModelPool, train_rows
 
     tr, va = ds.splits.folds[-1]
-    tr = _train_rows(ds, tr)
+    tr = train_rows(ds, tr)
     bars = (int(va[0]), int(va[-1]) + 1)
     with FoldModelPool(ds, workers=2, processes=True) as pool:
         want = pool.fit_predict(tr, default_params(), bars, seed=3)
