@@ -295,11 +295,10 @@ class FastRun:
         return int(self.trades["pnl"].size)
 
     def metrics(self, arrays: MarketArrays, min_trades: int = 30) -> dict[str, Any]:
-        ends = arrays.day_ends(self.start, self.end) if isinstance(arrays, MarketArrays) else None
         return _metrics.compute_metrics(
             self.equity, arrays.day[self.start:self.end], self.trades["pnl"], self.trades["r"],
             self.trades["entry"], self.trades["exit"], self.params.initial_equity, int(self.trip_bar.size),
-            min_trades, max_drawdown=self.max_drawdown, ends=ends)
+            min_trades, max_drawdown=self.max_drawdown, ends=arrays.day_ends(self.start, self.end))
 
     def to_result(self, arrays: MarketArrays, *, min_trades: int = 30, in_sample: bool = True,
                   mode: str = "fast") -> BacktestResult:
@@ -483,8 +482,11 @@ def _fast_run_from_records(records: list[Any], s: int, e: int, tr: Trader, equit
 
 @dataclass
 class _IndexShim:
-    """The two fields of MarketArrays that :meth:`FastRun.to_result` reads, for step-mode results."""
+    """What :meth:`FastRun.to_result` reads of a MarketArrays (index, day, predictor, day ends): step mode."""
 
     index: pd.DatetimeIndex
     day: np.ndarray
     predictor: str
+
+    def day_ends(self, start: int, end: int) -> np.ndarray:
+        return day_ends(self.day[start:end])

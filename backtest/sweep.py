@@ -33,7 +33,7 @@ import pandas as pd
 
 from backtest.engine import MarketArrays, run_arrays
 from backtest.policy import Params, make_params, replace_params
-from backtest.stats import daily_returns, day_ends
+from backtest.stats import daily_returns
 from core.config import Config
 from core.io import atomic_write
 
@@ -123,7 +123,7 @@ def run_sweep(arrays: MarketArrays, cfg: Config, window: tuple[int, int], oos_ba
     base = make_params(cfg)
     params = [replace_params(base, **{k: (list(v) if k == "sessions" else v) for k, v in pt.items()})
               for pt in points]
-    ends = day_ends(arrays.day[start:end])
+    ends = arrays.day_ends(start, end)
     ms, daily = score_params(arrays, params, start, end, min_trades, n_jobs, ends=ends)
     rows = [{**{k: ("+".join(v) if k == "sessions" else v) for k, v in pt.items()},
              "score": m["score"], "return_pct": m["return_pct"], "max_drawdown_pct": m["max_drawdown_pct"],
