@@ -193,16 +193,24 @@ def _tables(feature: np.ndarray, fchild: np.ndarray, fthresh: np.ndarray, ffeatu
             np.zeros(n_trees, dtype=np.int64), *_buckets(glob))
 
 
-def _bucket_of(z: np.ndarray | float, top: float) -> np.ndarray | int:
-    """The bucket of ``z = (x - t_bmin) * t_bscale``: 0 below (and for NaN), ``top`` above, else ``floor(z)``.
-    :func:`_predict_tables` computes the same float operations, so a value and a threshold land in buckets that
-    are ordered as they are (the two operations are monotone)."""
-    if isinstance(z, np.ndarray):
-        out = np.where(z >= top, top, np.floor(z))
-        return np.where(z > 0.0, out, 0.0).astype(np.int64)
+@njit(cache=True, inline="always")
+def _bucket(v: float, lo: float, scale: float, top: float) -> int:
+    """The bucket of value ``v`` of a feature whose bucket index starts at threshold ``lo`` (:func:`_buckets`): 0
+    below (and for NaN), ``top`` above, else ``floor((v - lo) * scale)``. The one computation both the index and
+    :func:`_predict_tables` use, so a value and a threshold land in buckets ordered as they are (it is monotone)."""
+    z = (v - lo) * scale
     if not z > 0.0:
         return 0
     return int(top) if z >= top else int(z)
+
+
+@njit(cache=True)
+def _buckets_of(g: np.ndarray, lo: float, scale: float, top: float) -> np.ndarray:
+    """:func:`_bucket` of every threshold in ``g``."""
+    out = np.empty(g.size, dtype=np.int64)
+    for i in range(g.size):
+        out[i] = _bucket(g[i], lo, scale, top)
+    return out
 
 
 def _buckets(glob: list[np.ndarray]) -> tuple[np.ndarray, ...]:
@@ -223,8 +231,7 @@ def _buckets(glob: list[np.ndarray]) -> tuple[np.ndarray, ...]:
         lo, hi = (float(g[0]), float(g[-1])) if g.size else (0.0, 0.0)
         scale = (k - 1) / (hi - lo) if hi > lo and np.isfinite(hi - lo) else 0.0
         top = float(k - 1)
-        with np.errstate(over="ignore", invalid="ignore"):  # a range too wide: scale 0, NaN -> bucket 0
-            cells = np.asarray(_bucket_of((g - lo) * scale, top), dtype=np.int64)
+        cells = _buckets_of(np.ascontiguousarray(g, dtype=np.float64), lo, scale, top)  # too wide a range: all 0
         parts.append(np.searchsorted(cells, np.arange(k + 1), side="left").astype(np.int64))
         boff[f], bmin[f], bscale[f], btop[f] = off, lo, scale, top
         off += k + 1
@@ -436,10 +443,7 @@ def _predict_tables(trees: CompiledTrees, x: np.ndarray) -> float:
         v = x[f]
         v = 0.0 if v != v else v
         # count of thresholds < v: the bucket index counts those in earlier buckets, then v's own bucket is scanned
-        z = (v - trees.t_bmin[f]) * trees.t_bscale[f]
-        top = trees.t_btop[f]
-        k = 0 if not z > 0.0 else (int(top) if z >= top else int(z))
-        b = trees.t_boff[f] + k
+        b = trees.t_boff[f] + _bucket(v, trees.t_bmin[f], trees.t_bscale[f], trees.t_btop[f])
         j = lo + trees.t_bidx[b]
         stop = lo + trees.t_bidx[b + 1]
         while j < stop and thr[j] < v:

@@ -181,11 +181,12 @@ def _key_from_text(text: str, where: str) -> bytes:
     return text.encode("utf-8")
 
 
-def _env_key(root: Path) -> bytes | None:
-    """MODEL_SIGNING_KEY from the environment, else from ``<root>/.env`` (read, never exported)."""
+def _env_key(root: Path | None) -> bytes | None:
+    """MODEL_SIGNING_KEY from the environment, else from ``<root>/.env`` (read, never exported; no root: the
+    environment only)."""
     text = os.environ.get(KEY_ENV)
     where = KEY_ENV
-    if not text and (root / ".env").is_file():
+    if not text and root is not None and (root / ".env").is_file():
         from dotenv import dotenv_values
 
         text = dotenv_values(root / ".env").get(KEY_ENV) or None
@@ -243,9 +244,10 @@ def signing_key(root: str | os.PathLike[str] | None = None, *, folder: str | os.
         try:
             root = key_root(folder)
         except ModelIntegrityError:
-            if os.environ.get(KEY_ENV):  # the environment's key needs no root
-                return _key_from_text(os.environ[KEY_ENV], KEY_ENV)
-            raise
+            env = _env_key(None)  # the environment's key needs no root
+            if env is None:
+                raise
+            return env
     root = Path(root)
     key = _env_key(root)
     if key is not None:
